@@ -1,0 +1,182 @@
+"""Typed, frozen parameters loaded from ``params.yaml``.
+
+Every value that changes a result is a field here. Unknown keys and bad values fail at load time
+with the key path, the bad value and what is allowed, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adps.errors import AdpsError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+SYNTHETIC_CATEGORIES = ("fabric", "wood", "washer", "capsule")
+SYNTHETIC_DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "contamination")
+
+
+class ParamsError(AdpsError):
+    """A params file that is missing, unreadable or invalid; the message says what to fix."""
+
+
+class Section(BaseModel):
+    """Base of every params section: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RuntimeParams(Section):
+    seed: int = 42
+    progress: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class FolderImportParams(Section):
+    normal: str = "normal"
+    anomalous: str = "anomalous"
+    masks: str = "masks"
+    mask_suffix: str = "_mask"
+    test_normal_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class DataParams(Section):
+    source: Literal["synthetic", "mvtec", "kolektor", "folder"] = "synthetic"
+    categories: tuple[str, ...] = Field(SYNTHETIC_CATEGORIES, min_length=1)
+    import_path: Path | None = None
+    folder: FolderImportParams = FolderImportParams()
+    image_size: int = Field(128, ge=32, le=1024, multiple_of=32)
+    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataParams:
+        if self.source == "synthetic":
+            unknown = [c for c in self.categories if c not in SYNTHETIC_CATEGORIES]
+            if unknown:
+                raise ValueError(
+                    f"unknown synthetic categories {unknown}; allowed: {list(SYNTHETIC_CATEGORIES)}"
+                )
+        elif self.import_path is None:
+            raise ValueError(f"data.source '{self.source}' needs data.import_path (the source root)")
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"data.categories has duplicates: {list(self.categories)}")
+        return self
+
+
+class SyntheticParams(Section):
+    image_size: int = Field(128, ge=64, le=1024)
+    n_train: int = Field(80, ge=1)
+    n_test_good: int = Field(20, ge=1)
+    n_test_defect: int = Field(8, ge=1)
+    defect_kinds: tuple[Literal["scratch", "crack", "hole", "stain", "contamination"], ...] = (
+        SYNTHETIC_DEFECT_KINDS
+    )
+    lighting_jitter: float = Field(0.06, ge=0.0, le=0.5)
+    max_shift: int = Field(3, ge=0)
+    max_rotation_deg: float = Field(4.0, ge=0.0, le=180.0)
+    noise_std: float = Field(0.012, ge=0.0, le=0.2)
+
+
+class SynthesisParams(Section):
+    texture_dir: Path | None = None
+    n_procedural_textures: int = Field(24, ge=1)
+    normal_prob: float = Field(0.5, ge=0.0, le=1.0)
+    beta_max: float = Field(0.8, ge=0.0, lt=1.0)
+    perlin_scale_exp_max: int = Field(6, ge=1, le=8)
+    perlin_threshold: float = Field(0.5, gt=-1.0, lt=1.0)
+    max_rotation_deg: float = Field(90.0, ge=0.0, le=180.0)
+
+
+class ValidationParams(Section):
+    allowed_modes: tuple[str, ...] = ("L", "RGB", "I;16")
+    allowed_bit_depths: tuple[int, ...] = (8, 16)
+    min_side: int = Field(32, ge=1)
+    max_side: int = Field(8192, ge=1)
+    min_train: int = Field(10, ge=1)
+    min_test_good: int = Field(1, ge=0)
+    min_test_defect: int = Field(1, ge=0)
+
+
+class Params(Section):
+    """All pipeline parameters; one instance per params file."""
+
+    runtime: RuntimeParams = RuntimeParams()
+    data: DataParams = DataParams()
+    synthetic: SyntheticParams = SyntheticParams()
+    synthesis: SynthesisParams = SynthesisParams()
+    validation: ValidationParams = ValidationParams()
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+    """Load and validate a params file.
+
+    Raises:
+        ParamsError: the file is missing, is not YAML, or has unknown keys or bad values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}. Run from the project root or pass --params PATH.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping, turning pydantic errors into one readable ParamsError."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = [describe_error(e) for e in err.errors()]
+        raise ParamsError(f"{source}: invalid parameters:\n  - " + "\n  - ".join(lines)) from None
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """One line for one pydantic error: key path, bad value, what is allowed."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "<root>"
+    if error["type"] == "extra_forbidden":
+        allowed = allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
+        return f"unknown key '{key}'{hint}; allowed here: {', '.join(allowed)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def allowed_keys(loc: list[str]) -> list[str]:
+    """Field names of the params section at ``loc`` (empty when it is not a section)."""
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+        ):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def flatten_params(params: Params) -> dict[str, Any]:
+    """Params as ``{"section.key": value}``, for logging and experiment tracking."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            flat[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return flat

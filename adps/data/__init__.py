@@ -1,0 +1,1 @@
+"""Datasets: layouts and importers, the embedded synthetic dataset, anomaly synthesis, torch Datasets."""

@@ -1,0 +1,117 @@
+"""torch Datasets: training (normal image + synthetic anomaly + mask) and test (image, mask, label)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from adps.config import Params
+from adps.data.layout import Sample
+from adps.data.synthesis import AnomalySynthesizer
+from adps.errors import ImageReadError
+
+Array = np.ndarray
+
+
+def load_rgb(path: Path, size: int) -> Array:
+    """Read an image as (size, size, 3) float32 RGB in [0, 1] (bilinear resize).
+
+    Raises:
+        ImageReadError: the file is missing, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I", "F"):
+                img = Image.fromarray(
+                    (np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+                )
+            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+def load_mask(path: Path | None, size: int) -> Array:
+    """Read a mask as (size, size) float32 in {0, 1} (nearest resize); zeros when ``path`` is None."""
+    if path is None:
+        return np.zeros((size, size), np.float32)
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L").resize((size, size), Image.NEAREST)
+            return (np.asarray(img) > 0).astype(np.float32)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read mask {path}: {err}") from err
+
+
+class Normalizer:
+    """Image (H, W, 3) in [0, 1] -> normalised tensor (3, H, W) with the teacher's statistics."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Array) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return (tensor - self.mean) / self.std
+
+
+class TrainDataset(Dataset):
+    """Normal training images, each turned into a synthetic anomaly (or left normal) per epoch.
+
+    Items: ``image`` (3, H, W) normalised, ``mask`` (1, H, W) in {0, 1}, ``label`` scalar.
+    The synthetic anomaly depends only on (seed, epoch, index), so runs are reproducible and
+    a resumed run sees the same samples as an uninterrupted one.
+    """
+
+    def __init__(self, samples: Sequence[Sample], params: Params, seed: int):
+        self.samples = list(samples)
+        self.size = params.data.image_size
+        self.seed = seed
+        self.epoch = 0
+        self.normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+        self.synthesize = AnomalySynthesizer(params.synthesis, self.size, seed)
+        self.cache: dict[int, Array] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self.cache:
+            self.cache[index] = load_rgb(self.samples[index].image_path, self.size)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
+        image, mask = self.synthesize(self.cache[index], rng)
+        return {
+            "image": self.normalize(image),
+            "mask": torch.from_numpy(mask.astype(np.float32))[None],
+            "label": torch.tensor(float(mask.any())),
+        }
+
+
+class TestDataset(Dataset):
+    """Test images with their ground truth: ``image``, ``mask`` (1, H, W), ``label``, ``path``."""
+
+    def __init__(self, samples: Sequence[Sample], params: Params):
+        self.samples = list(samples)
+        self.size = params.data.image_size
+        self.normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        sample = self.samples[index]
+        return {
+            "image": self.normalize(load_rgb(sample.image_path, self.size)),
+            "mask": torch.from_numpy(load_mask(sample.mask_path, self.size))[None],
+            "label": torch.tensor(float(sample.label)),
+            "path": str(sample.image_path),
+        }

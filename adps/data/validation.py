@@ -1,0 +1,336 @@
+"""Dataset validation with Great Expectations 1.x over a one-row-per-image metadata table.
+
+The table holds what can be read off each file (does it decode fully, mode, bit depth, size, its
+mask's size and values, a content hash); the GX suite states what a usable dataset must satisfy.
+Every failing row is reported with its file and the reason, and GX data docs are built as HTML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from adps.config import ValidationParams
+from adps.data.layout import Sample
+
+logger = logging.getLogger(__name__)
+
+BITS_PER_MODE = {
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "I;16": 16,
+    "I": 32,
+    "F": 32,
+}
+SUITE_NAME = "adps-dataset"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    success: bool
+    failures: list[dict[str, str]]
+    checks: list[dict[str, Any]]
+    metadata: pd.DataFrame
+    counts: pd.DataFrame
+
+
+def read_image_facts(path: Path) -> dict[str, Any]:
+    """Decode a file completely and return its mode, bit depth and size (or the decode error)."""
+    facts: dict[str, Any] = {
+        "decodes": False,
+        "decode_error": "",
+        "mode": None,
+        "bit_depth": None,
+        "width": None,
+        "height": None,
+    }
+    try:
+        with Image.open(path) as img:
+            img.load()
+            facts.update(
+                decodes=True,
+                mode=img.mode,
+                bit_depth=BITS_PER_MODE.get(img.mode, 0),
+                width=img.width,
+                height=img.height,
+            )
+    except Exception as err:  # PIL raises many types for corrupt files; all mean "unreadable"
+        facts["decode_error"] = f"{type(err).__name__}: {err}"
+    return facts
+
+
+def read_mask_facts(
+    mask_path: Path | None, image_size: tuple[int, int] | None, is_defect: bool
+) -> dict[str, Any]:
+    """Facts of a mask file; every value is None when there is no mask."""
+    facts: dict[str, Any] = {
+        "mask_decodes": None,
+        "mask_size_matches": None,
+        "mask_binary": None,
+        "mask_nonempty": None,
+    }
+    if mask_path is None:
+        return facts
+    try:
+        with Image.open(mask_path) as img:
+            img.load()
+            values = np.unique(np.asarray(img.convert("L")))
+            size = (img.width, img.height)
+    except Exception:
+        facts["mask_decodes"] = False
+        return facts
+    facts["mask_decodes"] = True
+    facts["mask_size_matches"] = None if image_size is None else size == image_size
+    facts["mask_binary"] = len(values) <= 2 and (values[0] == 0 or len(values) == 1)
+    facts["mask_nonempty"] = bool(values.max() > 0) if is_defect else None
+    return facts
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def build_metadata_table(samples: Iterable[Sample], progress: bool = False) -> pd.DataFrame:
+    """One row per image: where it sits, what it is, and what can be read off its files."""
+    from tqdm import tqdm
+
+    rows = []
+    for s in tqdm(list(samples), desc="reading images", unit="img", disable=not progress):
+        image = read_image_facts(s.image_path)
+        size = (image["width"], image["height"]) if image["decodes"] else None
+        rows.append(
+            {
+                "category": s.category,
+                "split": s.split,
+                "label": s.label,
+                "defect_type": s.defect_type,
+                "path": str(s.image_path),
+                "mask_path": str(s.mask_path) if s.mask_path else "",
+                **image,
+                "is_defect": s.label == 1,
+                "has_mask": s.mask_path is not None,
+                **read_mask_facts(s.mask_path, size, s.label == 1),
+                "train_is_normal": s.split != "train" or s.label == 0,
+                "sha256": file_digest(s.image_path),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    splits_per_hash = table.groupby(["category", "sha256"])["split"].transform("nunique")
+    table["in_train_and_test"] = splits_per_hash > 1
+    return table
+
+
+def build_counts_table(metadata: pd.DataFrame, categories: Iterable[str]) -> pd.DataFrame:
+    """One row per category: images in train, normal test images, defect test images."""
+    rows = []
+    for category in categories:
+        rows_c = metadata[metadata["category"] == category] if not metadata.empty else metadata
+        test = rows_c[rows_c["split"] == "test"] if not rows_c.empty else rows_c
+        rows.append(
+            {
+                "category": category,
+                "path": f"<category {category}>",
+                "n_train": int((rows_c["split"] == "train").sum()) if not rows_c.empty else 0,
+                "n_test_good": int((test["label"] == 0).sum()) if not test.empty else 0,
+                "n_test_defect": int((test["label"] == 1).sum()) if not test.empty else 0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def dataset_expectations(cfg: ValidationParams) -> dict[str, list[Any]]:
+    """The suites, per table: what every dataset must satisfy, each with its user-facing reason.
+
+    ``images`` has one row per image, ``counts`` one row per category. The reason shown next to
+    each failing file travels in the expectation's ``meta``.
+    """
+    import great_expectations as gx
+
+    E = gx.expectations
+
+    def expect(cls: Any, reason: str, **kwargs: Any) -> Any:
+        return cls(meta={"reason": reason}, **kwargs)
+
+    def in_set(column: str, values: list[Any], reason: str) -> Any:
+        return expect(E.ExpectColumnValuesToBeInSet, reason, column=column, value_set=values)
+
+    def at_least(column: str, minimum: int, reason: str) -> Any:
+        return expect(E.ExpectColumnValuesToBeBetween, reason, column=column, min_value=minimum)
+
+    side = f"outside [{cfg.min_side}, {cfg.max_side}] pixels"
+    return {
+        "images": [
+            in_set("decodes", [True], "file does not decode fully (truncated or corrupt)"),
+            in_set(
+                "mode",
+                list(cfg.allowed_modes),
+                f"image mode not allowed (allowed: {', '.join(cfg.allowed_modes)})",
+            ),
+            in_set(
+                "bit_depth",
+                list(cfg.allowed_bit_depths),
+                f"bit depth not allowed (allowed: {list(cfg.allowed_bit_depths)})",
+            ),
+            expect(
+                E.ExpectColumnValuesToBeBetween,
+                f"width {side}",
+                column="width",
+                min_value=cfg.min_side,
+                max_value=cfg.max_side,
+            ),
+            expect(
+                E.ExpectColumnValuesToBeBetween,
+                f"height {side}",
+                column="height",
+                min_value=cfg.min_side,
+                max_value=cfg.max_side,
+            ),
+            expect(
+                E.ExpectColumnPairValuesToBeEqual,
+                "mask missing for a defect image, or a mask exists for a good image",
+                column_A="is_defect",
+                column_B="has_mask",
+            ),
+            in_set("mask_decodes", [True], "mask file does not decode"),
+            in_set("mask_size_matches", [True], "mask size differs from image size"),
+            in_set("mask_binary", [True], "mask values are not binary (expected 0 and one foreground value)"),
+            in_set("mask_nonempty", [True], "defect mask is empty"),
+            in_set(
+                "train_is_normal",
+                [True],
+                "anomalous image in the training split (train/ must hold only good images)",
+            ),
+            in_set(
+                "in_train_and_test",
+                [False],
+                "identical image in both train and test (a test image copied into train?)",
+            ),
+        ],
+        "counts": [
+            at_least("n_train", cfg.min_train, f"fewer than {cfg.min_train} training images"),
+            at_least("n_test_good", cfg.min_test_good, f"fewer than {cfg.min_test_good} normal test images"),
+            at_least(
+                "n_test_defect", cfg.min_test_defect, f"fewer than {cfg.min_test_defect} defect test images"
+            ),
+        ],
+    }
+
+
+def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidationParams, docs_dir: Path) -> list[Any]:
+    """Validate each table with its suite through one GX checkpoint; build data docs in ``docs_dir``.
+
+    Returns the GX expectation results of all suites.
+    """
+    import great_expectations as gx
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.add_data_docs_site(
+        site_name="adps",
+        site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir.resolve()),
+            },
+        },
+    )
+    source = ctx.data_sources.add_pandas("adps-metadata")
+    definitions = []
+    for name, expectations in dataset_expectations(cfg).items():
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{SUITE_NAME}-{name}", expectations=expectations))
+        definitions.append(
+            ctx.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name=name))
+        )
+    results = []
+    for definition in definitions:
+        checkpoint = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{SUITE_NAME}-{definition.name}",
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs")],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
+            )
+        )
+        outcome = checkpoint.run(batch_parameters={"dataframe": tables[definition.name]})
+        for run in outcome.run_results.values():
+            results.extend(run.results)
+    return results
+
+
+def failures_from_results(results: list[Any], metadata: pd.DataFrame) -> list[dict[str, str]]:
+    """One row per (file, failed check): the file, its category, the check and the reason."""
+    errors = dict(zip(metadata["path"], metadata["decode_error"], strict=True)) if not metadata.empty else {}
+    failures = []
+    for result in results:
+        if result.success:
+            continue
+        config = result.expectation_config
+        reason = config.meta.get("reason", config.type)
+        check = f"{config.type}({config.kwargs.get('column') or config.kwargs.get('column_A')})"
+        for row in result.result.get("unexpected_index_list") or []:
+            detail = errors.get(row["path"]) if config.kwargs.get("column") == "decodes" else ""
+            failures.append(
+                {
+                    "file": row["path"],
+                    "check": check,
+                    "reason": f"{reason}: {detail}" if detail else reason,
+                }
+            )
+    return sorted(failures, key=lambda f: (f["file"], f["check"]))
+
+
+def summarise_results(results: list[Any]) -> list[dict[str, Any]]:
+    """Per-check outcome for the JSON summary."""
+    return [
+        {
+            "check": r.expectation_config.type,
+            "column": r.expectation_config.kwargs.get("column")
+            or r.expectation_config.kwargs.get("column_A"),
+            "reason": r.expectation_config.meta.get("reason", ""),
+            "success": bool(r.success),
+            "unexpected_count": int(r.result.get("unexpected_count") or 0),
+        }
+        for r in results
+    ]
+
+
+def validate_dataset(
+    samples: list[Sample],
+    categories: Iterable[str],
+    cfg: ValidationParams,
+    docs_dir: Path,
+    progress: bool = False,
+) -> ValidationReport:
+    """Build the metadata tables, run the GX suites and collect every failing file with its reason."""
+    metadata = build_metadata_table(samples, progress=progress)
+    counts = build_counts_table(metadata, categories)
+    if metadata.empty:
+        metadata = pd.DataFrame(
+            [{"path": "<no images>", "decodes": False, "decode_error": "dataset is empty"}]
+        )
+    results = run_expectations({"images": metadata, "counts": counts}, cfg, docs_dir)
+    failures = failures_from_results(results, metadata)
+    return ValidationReport(
+        success=not failures,
+        failures=failures,
+        checks=summarise_results(results),
+        metadata=metadata,
+        counts=counts,
+    )
