@@ -65,6 +65,8 @@ class DataParams(Section):
                 )
         elif self.import_path is None:
             raise ValueError(f"data.source '{self.source}' needs data.import_path (the source root)")
+        if self.source == "kolektor" and len(self.categories) != 1:
+            raise ValueError("data.source 'kolektor' imports one product: give one name in data.categories")
         if len(set(self.categories)) != len(self.categories):
             raise ValueError(f"data.categories has duplicates: {list(self.categories)}")
         return self

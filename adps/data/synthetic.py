@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from tqdm import tqdm
 
 from adps.config import SyntheticParams
 from adps.data.layout import GOOD, save_binary_mask
@@ -269,12 +270,14 @@ def generate_image(
     return finish(image, pose, rng, cfg.noise_std), mask
 
 
-def generate_category(category: str, cfg: SyntheticParams, seed: int, dest: Path) -> int:
+def generate_category(
+    category: str, cfg: SyntheticParams, seed: int, dest: Path, progress: bool = False
+) -> int:
     """Write one category in MVTec layout under ``dest``; returns the number of images."""
     jobs = [("train", GOOD, i) for i in range(cfg.n_train)]
     jobs += [("test", GOOD, i) for i in range(cfg.n_test_good)]
     jobs += [("test", kind, i) for kind in cfg.defect_kinds for i in range(cfg.n_test_defect)]
-    for split, kind, index in jobs:
+    for split, kind, index in tqdm(jobs, desc=f"generating {category}", unit="img", disable=not progress):
         rng = image_rng(seed, category, split, kind, index)
         image, mask = generate_image(category, cfg, rng, None if kind == GOOD else kind)
         image_path = dest / split / kind / f"{index:03d}.png"

@@ -237,8 +237,10 @@ def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidationParams, doc
     Returns the GX expectation results of all suites.
     """
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     ctx.add_data_docs_site(
         site_name="adps",
         site_config={
@@ -283,7 +285,7 @@ def failures_from_results(results: list[Any], metadata: pd.DataFrame) -> list[di
             continue
         config = result.expectation_config
         reason = config.meta.get("reason", config.type)
-        check = f"{config.type}({config.kwargs.get('column') or config.kwargs.get('column_A')})"
+        check = config.kwargs.get("column") or f"{config.kwargs['column_A']} == {config.kwargs['column_B']}"
         for row in result.result.get("unexpected_index_list") or []:
             detail = errors.get(row["path"]) if config.kwargs.get("column") == "decodes" else ""
             failures.append(

@@ -1,0 +1,37 @@
+# One-command setup, run and test. Telemetry switches come from adps/telemetry.env (one place).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+include adps/telemetry.env
+export $(shell sed -n 's/^\([A-Z_]*\)=.*/\1/p' adps/telemetry.env)
+
+.PHONY: setup run test lint clean help
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv and install the pinned lock (quick when already done)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: setup  ## run the pipeline on the embedded synthetic dataset
+	$(BIN)/adps prepare
+	$(BIN)/adps validate
+
+test: setup  ## run the test suite
+	$(BIN)/ruff check adps flows tests benchmarks
+	$(BIN)/pytest
+
+lint: setup  ## ruff check + format check
+	$(BIN)/ruff check adps flows tests benchmarks
+	$(BIN)/ruff format --check adps flows tests benchmarks
+
+clean:  ## remove generated data, models and reports (not the venv)
+	rm -rf data models reports mlflow.db mlartifacts optuna.db

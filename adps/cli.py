@@ -1,0 +1,72 @@
+"""The ``adps`` command: one thin command per pipeline stage, each calling :mod:`adps.stages`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adps import stages
+from adps.config import DEFAULT_PARAMS_PATH, load_params
+from adps.errors import AdpsError, ValidationFailed
+from adps.runtime import configure_logging
+
+app = typer.Typer(
+    help="ADPS anomaly detection pipeline: prepare data, validate, train, evaluate, predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="Params file (YAML) to read every setting from.")
+]
+
+
+def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path, *args: Any) -> dict[str, Any]:
+    """Load params, run one stage, print its result; user errors become a message and exit 1."""
+    try:
+        params = load_params(params_path)
+        configure_logging(params)
+        result = stage(params, *args)
+    except ValidationFailed as err:
+        print_failures(err.failures)
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    except AdpsError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def print_failures(failures: list[dict[str, str]]) -> None:
+    table = Table(title="Dataset validation failures", show_lines=False)
+    for column in ("file", "check", "reason"):
+        table.add_column(column, overflow="fold")
+    for failure in failures:
+        table.add_row(failure["file"], failure["check"], failure["reason"])
+    console.print(table)
+
+
+@app.command()
+def prepare(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Build the embedded synthetic dataset, or import MVTec AD, KolektorSDD2 or a folder set."""
+    run_stage(stages.prepare, params)
+
+
+@app.command()
+def validate(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Check the dataset with Great Expectations; exit 1 and list every bad file on failure."""
+    run_stage(stages.validate, params)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,36 @@
+"""Process-wide runtime settings: logging, progress bars, seeding."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+
+import numpy as np
+
+from adps.config import Params
+
+
+def configure_logging(params: Params) -> None:
+    """Log to stderr at ``runtime.log_level``, once per process."""
+    logging.basicConfig(
+        level=params.runtime.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("great_expectations", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def progress_enabled(params: Params) -> bool:
+    """Progress bars only when asked for and stderr is a terminal."""
+    return params.runtime.progress and sys.stderr.isatty()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch from ``runtime.seed``."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny params, a tiny generated dataset, a temp project folder to run stages in."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import adps  # noqa: F401  (turns telemetry off for every tool before anything else imports them)
+from adps.config import Params, params_from_dict
+from adps.data.synthetic import generate_category
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY: dict[str, Any] = {
+    "runtime": {"seed": 7, "progress": False},
+    "data": {"source": "synthetic", "categories": ["fabric", "washer"], "image_size": 64},
+    "synthetic": {"image_size": 64, "n_train": 10, "n_test_good": 2, "n_test_defect": 1},
+    "synthesis": {"n_procedural_textures": 4},
+    "validation": {"min_train": 5},
+}
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def tiny_params(**sections: dict[str, Any]) -> Params:
+    return params_from_dict(merge(TINY, sections))
+
+
+def write_params(folder: Path, **sections: dict[str, Any]) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(TINY, sections)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic dataset, generated once per session (``data/synthetic/<category>``)."""
+    root = tmp_path_factory.mktemp("tiny") / "data" / "synthetic"
+    params = tiny_params()
+    for category in params.data.categories:
+        generate_category(category, params.synthetic, params.runtime.seed, root / category)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dataset_master: Path) -> Path:
+    """A temp project folder (the cwd) with tiny params.yaml and a fresh copy of the tiny dataset."""
+    shutil.copytree(tiny_dataset_master, tmp_path / "data" / "synthetic")
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,114 @@
+"""One test per validation failure kind, through the real Great Expectations suite."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adps import paths, stages
+from adps.errors import DatasetError, ValidationFailed
+from tests.conftest import tiny_params
+
+DATA = Path("data/synthetic")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def save(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+CASES: dict[str, tuple[Callable[[], None], str, str]] = {
+    "truncated": (lambda: truncate(DATA / "fabric/test/good/001.png"),
+                  "fabric/test/good/001.png", "file does not decode fully (truncated or corrupt)"),
+    "mode": (lambda: save(DATA / "fabric/train/good/002.png", np.zeros((64, 64, 4), np.uint8), "RGBA"),
+             "fabric/train/good/002.png", "image mode not allowed"),
+    "size": (lambda: save(DATA / "washer/train/good/003.png", np.zeros((16, 16, 3), np.uint8)),
+             "washer/train/good/003.png", "width outside [32, 8192] pixels"),
+    "missing_mask": (lambda: (DATA / "fabric/ground_truth/crack/000_mask.png").unlink(),
+                     "fabric/test/crack/000.png", "mask missing for a defect image"),
+    "mask_on_good": (lambda: save(DATA / "fabric/ground_truth/good/000_mask.png", np.zeros((64, 64), np.uint8)),
+                     "fabric/test/good/000.png", "a mask exists for a good image"),
+    "mask_size": (lambda: save(DATA / "washer/ground_truth/hole/000_mask.png", np.full((32, 32), 255, np.uint8)),
+                  "washer/test/hole/000.png", "mask size differs from image size"),
+    "mask_not_binary": (lambda: save(DATA / "washer/ground_truth/stain/000_mask.png",
+                                     np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)),
+                        "washer/test/stain/000.png", "mask values are not binary"),
+    "mask_empty": (lambda: save(DATA / "fabric/ground_truth/scratch/000_mask.png", np.zeros((64, 64), np.uint8)),
+                   "fabric/test/scratch/000.png", "defect mask is empty"),
+    "mask_corrupt": (lambda: (DATA / "fabric/ground_truth/hole/000_mask.png").write_bytes(b"not a png"),
+                     "fabric/test/hole/000.png", "mask file does not decode"),
+    "defect_in_train": (lambda: shutil.copytree(DATA / "washer/test/crack", DATA / "washer/train/crack"),
+                        "washer/train/crack/000.png", "anomalous image in the training split"),
+    "test_copied_into_train": (lambda: shutil.copy(DATA / "fabric/test/stain/000.png", DATA / "fabric/train/good/x.png"),
+                               "fabric/train/good/x.png", "identical image in both train and test"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_failure_kind_names_the_file_and_reason_and_touches_no_data(project, case):
+    corrupt, bad_file, reason = CASES[case]
+    corrupt()
+    before = tree_digest(DATA)
+    with pytest.raises(ValidationFailed) as err:
+        stages.validate(tiny_params())
+    matches = [f for f in err.value.failures if f["file"].endswith(bad_file)]
+    assert matches, err.value.failures
+    assert any(reason in f["reason"] for f in matches), matches
+    assert tree_digest(DATA) == before
+    summary = json.loads(paths.validation_summary().read_text())
+    assert summary["success"] is False and any(f["file"].endswith(bad_file) for f in summary["failures"])
+    assert bad_file in paths.validation_failures_csv().read_text()
+
+
+def test_bit_depth_outside_allowed(project):
+    save(DATA / "fabric/train/good/004.png", np.zeros((64, 64), bool), "1")
+    params = tiny_params(validation={"allowed_modes": ["1", "RGB"]})
+    with pytest.raises(ValidationFailed) as err:
+        stages.validate(params)
+    assert [f["reason"] for f in err.value.failures if f["file"].endswith("004.png")] == [
+        "bit depth not allowed (allowed: [8, 16])"
+    ]
+
+
+def test_too_few_images_and_empty_folder_name_the_category(project):
+    shutil.rmtree(DATA / "washer/train/good")
+    (DATA / "washer/train/good").mkdir()
+    with pytest.raises(ValidationFailed) as err:
+        stages.validate(tiny_params())
+    assert {"file": "<category washer>", "check": "n_train", "reason": "fewer than 5 training images"} in (
+        err.value.failures
+    )
+
+
+def test_missing_category_folder_is_a_clear_error_and_keeps_old_reports(project):
+    stages.validate(tiny_params())
+    docs = paths.data_docs_dir() / "index.html"
+    assert docs.is_file()
+    shutil.rmtree(DATA / "washer")
+    with pytest.raises(DatasetError, match=r"category folder not found: data/synthetic/washer"):
+        stages.validate(tiny_params())
+    assert docs.is_file()
+
+
+def test_clean_dataset_passes_and_writes_reports(project):
+    result = stages.validate(tiny_params())
+    assert result["success"] and result["n_images"] == 2 * (10 + 2 + 5)
+    summary = json.loads(paths.validation_summary().read_text())
+    assert summary["success"] and all(c["success"] for c in summary["checks"])
+    assert (paths.data_docs_dir() / "index.html").is_file()

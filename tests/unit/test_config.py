@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adps.config import Params, ParamsError, flatten_params, load_params, params_from_dict
+from tests.conftest import REPO_ROOT
+
+
+def test_repo_params_file_loads_and_is_complete():
+    """params.yaml names every parameter explicitly (no silent defaults)."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert set(flatten_params(Params())) == set(flatten_params(params_from_dict(raw)))
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from keys(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    assert set(keys(raw)) == set(flatten_params(params))
+
+
+def test_params_are_frozen():
+    params = Params()
+    with pytest.raises(Exception, match="frozen"):
+        params.runtime.seed = 3  # type: ignore[misc]
+
+
+def test_typo_names_key_and_suggests_the_right_one():
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"data": {"imge_size": 128}})
+    message = str(err.value)
+    assert "unknown key 'data.imge_size'" in message
+    assert "did you mean 'data.image_size'" in message
+
+
+def test_unknown_section_lists_allowed_sections():
+    with pytest.raises(ParamsError, match=r"unknown key 'trian'.*allowed here: runtime, data"):
+        params_from_dict({"trian": {}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"data": {"image_size": 100}}, "data.image_size: Input should be a multiple of 32 (got 100)"),
+        ({"data": {"source": "imagenet"}}, "data.source: Input should be 'synthetic', 'mvtec', 'kolektor' or 'folder'"),
+        ({"synthesis": {"normal_prob": 1.5}}, "synthesis.normal_prob: Input should be less than or equal to 1"),
+        ({"data": {"categories": ["fabric", "marble"]}}, "unknown synthetic categories ['marble']"),
+        ({"data": {"source": "mvtec"}}, "needs data.import_path"),
+        ({"runtime": {"seed": "abc"}}, "runtime.seed: Input should be a valid integer"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(raw, fragment):
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(raw)
+    assert fragment in str(err.value)
+
+
+def test_missing_file_says_what_to_do(tmp_path: Path):
+    with pytest.raises(ParamsError, match="params file not found.*--params"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="p.yaml is not valid YAML"):
+        load_params(bad)

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adps.data.layout import (
+    build_sample_index,
+    import_folder_category,
+    import_kolektor,
+    import_mvtec_category,
+    read_binary_mask,
+)
+from adps.errors import DatasetError
+
+
+def png(path: Path, value: int = 128, size: int = 40, mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    Image.fromarray(np.full(shape, value, np.uint8), mode=mode).save(path)
+    return path
+
+
+def mask_png(path: Path, box: bool, size: int = 40, on: int = 255) -> Path:
+    arr = np.zeros((size, size), np.uint8)
+    if box:
+        arr[5:15, 5:15] = on
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode="L").save(path)
+    return path
+
+
+def make_mvtec(root: Path) -> Path:
+    cat = root / "bottle"
+    for i in range(3):
+        png(cat / "train" / "good" / f"{i:03d}.png", 100 + i)
+    png(cat / "test" / "good" / "000.png")
+    png(cat / "test" / "broken" / "000.png")
+    mask_png(cat / "ground_truth" / "broken" / "000_mask.png", True)
+    png(cat / "test" / "broken" / "001.png")  # no mask on purpose
+    return cat
+
+
+def test_mvtec_sample_index(tmp_path):
+    cat = make_mvtec(tmp_path)
+    samples = build_sample_index(cat, "bottle")
+    assert len(samples) == 6
+    by_name = {(s.split, s.defect_type, s.image_path.name): s for s in samples}
+    broken = by_name[("test", "broken", "000.png")]
+    assert broken.label == 1 and broken.mask_path == cat / "ground_truth" / "broken" / "000_mask.png"
+    assert by_name[("test", "broken", "001.png")].mask_path is None
+    assert all(s.label == 0 for s in samples if s.defect_type == "good")
+
+
+def test_missing_category_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match=r"category folder not found: .*nope.*adps prepare"):
+        build_sample_index(tmp_path / "nope", "nope")
+
+
+def test_mvtec_import_copies_the_tree(tmp_path):
+    make_mvtec(tmp_path / "src")
+    import_mvtec_category(tmp_path / "src", "bottle", tmp_path / "dst")
+    assert len(build_sample_index(tmp_path / "dst", "bottle")) == 6
+    with pytest.raises(DatasetError, match="MVTec category not found"):
+        import_mvtec_category(tmp_path / "src", "cable", tmp_path / "dst2")
+
+
+def test_kolektor_import(tmp_path):
+    src = tmp_path / "ksdd2"
+    for split in ("train", "test"):
+        png(src / split / "10.png")
+        mask_png(src / split / "10_GT.png", False)
+        png(src / split / "11.png", 60)
+        mask_png(src / split / "11_GT.png", True, on=1)  # non-0/255 foreground is fine
+    import_kolektor(src, tmp_path / "out")
+    samples = build_sample_index(tmp_path / "out", "ksdd2")
+    train = [s for s in samples if s.split == "train"]
+    assert [s.image_path.name for s in train] == ["10.png"]  # defective training image dropped
+    defect = next(s for s in samples if s.label == 1)
+    assert defect.image_path.name == "11.png" and read_binary_mask(defect.mask_path).sum() == 100
+    assert np.unique(np.asarray(Image.open(defect.mask_path))).tolist() == [0, 255]
+
+
+def test_kolektor_missing_gt_names_the_file(tmp_path):
+    png(tmp_path / "train" / "1.png")
+    with pytest.raises(DatasetError, match=r"1_GT.png"):
+        import_kolektor(tmp_path, tmp_path / "out")
+
+
+def test_folder_import(tmp_path):
+    for i in range(10):
+        png(tmp_path / "normal" / f"n{i}.png", 100 + i)
+    png(tmp_path / "anomalous" / "a0.png")
+    mask_png(tmp_path / "masks" / "a0_mask.png", True)
+    png(tmp_path / "anomalous" / "a1.png")  # no mask: left for validation to report
+    import_folder_category(tmp_path / "normal", tmp_path / "anomalous", tmp_path / "masks", tmp_path / "out",
+                           mask_suffix="_mask", test_normal_fraction=0.2, seed=0)
+    samples = build_sample_index(tmp_path / "out", "c")
+    assert sum(s.split == "train" for s in samples) == 8
+    assert sum(s.split == "test" and s.label == 0 for s in samples) == 2
+    anomalous = {s.image_path.name: s for s in samples if s.label == 1}
+    assert anomalous["a0.png"].mask_path is not None and anomalous["a1.png"].mask_path is None
+
+
+def test_folder_import_without_normals_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match=r"no normal images in .*normal"):
+        import_folder_category(tmp_path / "normal", tmp_path / "a", tmp_path / "m", tmp_path / "out",
+                               mask_suffix="_mask", test_normal_fraction=0.2, seed=0)
