@@ -25,9 +25,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-ParamsOption = Annotated[
-    Path, typer.Option("--params", "-p", help="Params file (YAML) to read every setting from.")
-]
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML) to read every setting from.")]
 
 
 def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path, *args: Any) -> dict[str, Any]:

@@ -60,9 +60,7 @@ class DataParams(Section):
         if self.source == "synthetic":
             unknown = [c for c in self.categories if c not in SYNTHETIC_CATEGORIES]
             if unknown:
-                raise ValueError(
-                    f"unknown synthetic categories {unknown}; allowed: {list(SYNTHETIC_CATEGORIES)}"
-                )
+                raise ValueError(f"unknown synthetic categories {unknown}; allowed: {list(SYNTHETIC_CATEGORIES)}")
         elif self.import_path is None:
             raise ValueError(f"data.source '{self.source}' needs data.import_path (the source root)")
         if self.source == "kolektor" and len(self.categories) != 1:
@@ -77,9 +75,7 @@ class SyntheticParams(Section):
     n_train: int = Field(80, ge=1)
     n_test_good: int = Field(20, ge=1)
     n_test_defect: int = Field(8, ge=1)
-    defect_kinds: tuple[Literal["scratch", "crack", "hole", "stain", "contamination"], ...] = (
-        SYNTHETIC_DEFECT_KINDS
-    )
+    defect_kinds: tuple[Literal["scratch", "crack", "hole", "stain", "contamination"], ...] = SYNTHETIC_DEFECT_KINDS
     lighting_jitter: float = Field(0.06, ge=0.0, le=0.5)
     max_shift: int = Field(3, ge=0)
     max_rotation_deg: float = Field(4.0, ge=0.0, le=180.0)
@@ -161,9 +157,7 @@ def allowed_keys(loc: list[str]) -> list[str]:
     model: Any = Params
     for part in loc:
         field = model.model_fields.get(part)
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, Section)
-        ):
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, Section)):
             return []
         model = field.annotation
     return list(model.model_fields)

@@ -28,9 +28,7 @@ def load_rgb(path: Path, size: int) -> Array:
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I", "F"):
-                img = Image.fromarray(
-                    (np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
-                )
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
             return np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, SyntaxError, ValueError) as err:

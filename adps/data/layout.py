@@ -44,9 +44,7 @@ def list_images(folder: Path) -> list[Path]:
     """Image files of one folder, sorted, ignoring hidden files and other suffixes."""
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    )
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def mask_path_for(category_dir: Path, defect_type: str, image_path: Path) -> Path:
@@ -64,9 +62,7 @@ def build_sample_index(category_dir: Path, category: str) -> list[Sample]:
         DatasetError: the category folder does not exist.
     """
     if not category_dir.is_dir():
-        raise DatasetError(
-            f"category folder not found: {category_dir}. Run `adps prepare` or check data.categories."
-        )
+        raise DatasetError(f"category folder not found: {category_dir}. Run `adps prepare` or check data.categories.")
     samples = []
     for split in ("train", "test"):
         split_dir = category_dir / split
@@ -100,9 +96,7 @@ def import_mvtec_category(source_root: Path, category: str, dest: Path) -> None:
     """Bring one MVTec AD category (already in the target layout) into ``dest``."""
     src = source_root / category
     if not (src / "train" / GOOD).is_dir():
-        raise DatasetError(
-            f"MVTec category not found: {src}/train/good. Check data.import_path and data.categories."
-        )
+        raise DatasetError(f"MVTec category not found: {src}/train/good. Check data.import_path and data.categories.")
     for path in sorted(src.rglob("*")):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             link_or_copy(path, dest / path.relative_to(src))
@@ -161,9 +155,7 @@ def import_folder_category(
     """
     normals = list_images(normal_dir)
     if not normals:
-        raise DatasetError(
-            f"no normal images in {normal_dir}. Check data.import_path and data.folder.normal."
-        )
+        raise DatasetError(f"no normal images in {normal_dir}. Check data.import_path and data.folder.normal.")
     order = np.random.default_rng(seed).permutation(len(normals))
     n_test = round(len(normals) * test_normal_fraction)
     for rank, index in enumerate(order):

@@ -231,9 +231,7 @@ def defect_contamination(image: Array, region: Array, rng: np.random.Generator) 
     if rng.random() < 0.5:
         mask |= stroke(size, curve_points(tuple(center), 0.12 * size, rng, 0.15), 1.0)
     mask &= region
-    colour = rng.choice(
-        [np.array([0.08, 0.08, 0.1]), np.array([0.15, 0.3, 0.65]), np.array([0.95, 0.95, 0.9])]
-    )
+    colour = rng.choice([np.array([0.08, 0.08, 0.1]), np.array([0.15, 0.3, 0.65]), np.array([0.95, 0.95, 0.9])])
     return paint(image, mask, colour, 0.85), mask
 
 
@@ -270,9 +268,7 @@ def generate_image(
     return finish(image, pose, rng, cfg.noise_std), mask
 
 
-def generate_category(
-    category: str, cfg: SyntheticParams, seed: int, dest: Path, progress: bool = False
-) -> int:
+def generate_category(category: str, cfg: SyntheticParams, seed: int, dest: Path, progress: bool = False) -> int:
     """Write one category in MVTec layout under ``dest``; returns the number of images."""
     jobs = [("train", GOOD, i) for i in range(cfg.n_train)]
     jobs += [("test", GOOD, i) for i in range(cfg.n_test_good)]

@@ -72,9 +72,7 @@ def read_image_facts(path: Path) -> dict[str, Any]:
     return facts
 
 
-def read_mask_facts(
-    mask_path: Path | None, image_size: tuple[int, int] | None, is_defect: bool
-) -> dict[str, Any]:
+def read_mask_facts(mask_path: Path | None, image_size: tuple[int, int] | None, is_defect: bool) -> dict[str, Any]:
     """Facts of a mask file; every value is None when there is no mask."""
     facts: dict[str, Any] = {
         "mask_decodes": None,
@@ -224,9 +222,7 @@ def dataset_expectations(cfg: ValidationParams) -> dict[str, list[Any]]:
         "counts": [
             at_least("n_train", cfg.min_train, f"fewer than {cfg.min_train} training images"),
             at_least("n_test_good", cfg.min_test_good, f"fewer than {cfg.min_test_good} normal test images"),
-            at_least(
-                "n_test_defect", cfg.min_test_defect, f"fewer than {cfg.min_test_defect} defect test images"
-            ),
+            at_least("n_test_defect", cfg.min_test_defect, f"fewer than {cfg.min_test_defect} defect test images"),
         ],
     }
 
@@ -257,9 +253,7 @@ def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidationParams, doc
     for name, expectations in dataset_expectations(cfg).items():
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"{SUITE_NAME}-{name}", expectations=expectations))
-        definitions.append(
-            ctx.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name=name))
-        )
+        definitions.append(ctx.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name=name)))
     results = []
     for definition in definitions:
         checkpoint = ctx.checkpoints.add(
@@ -303,8 +297,7 @@ def summarise_results(results: list[Any]) -> list[dict[str, Any]]:
     return [
         {
             "check": r.expectation_config.type,
-            "column": r.expectation_config.kwargs.get("column")
-            or r.expectation_config.kwargs.get("column_A"),
+            "column": r.expectation_config.kwargs.get("column") or r.expectation_config.kwargs.get("column_A"),
             "reason": r.expectation_config.meta.get("reason", ""),
             "success": bool(r.success),
             "unexpected_count": int(r.result.get("unexpected_count") or 0),
@@ -324,9 +317,7 @@ def validate_dataset(
     metadata = build_metadata_table(samples, progress=progress)
     counts = build_counts_table(metadata, categories)
     if metadata.empty:
-        metadata = pd.DataFrame(
-            [{"path": "<no images>", "decodes": False, "decode_error": "dataset is empty"}]
-        )
+        metadata = pd.DataFrame([{"path": "<no images>", "decodes": False, "decode_error": "dataset is empty"}])
     results = run_expectations({"images": metadata, "counts": counts}, cfg, docs_dir)
     failures = failures_from_results(results, metadata)
     return ValidationReport(

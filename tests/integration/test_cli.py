@@ -58,8 +58,12 @@ def test_validate_names_each_of_four_broken_files(project):
     shutil.copy(data / "washer/test/hole/000.png", data / "washer/train/good/100.png")
     out = adps("validate", cwd=project)
     assert out.returncode == 1
-    for name in ("fabric/train/good/003.png", "fabric/test/stain/000.png", "washer/test/scratch/000.png",
-                 "washer/train/good/100.png"):
+    for name in (
+        "fabric/train/good/003.png",
+        "fabric/test/stain/000.png",
+        "washer/test/scratch/000.png",
+        "washer/train/good/100.png",
+    ):
         assert name in out.stderr, out.stderr
     assert "dataset validation failed" in out.stderr
 

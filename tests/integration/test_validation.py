@@ -34,29 +34,64 @@ def truncate(path: Path) -> None:
 
 
 CASES: dict[str, tuple[Callable[[], None], str, str]] = {
-    "truncated": (lambda: truncate(DATA / "fabric/test/good/001.png"),
-                  "fabric/test/good/001.png", "file does not decode fully (truncated or corrupt)"),
-    "mode": (lambda: save(DATA / "fabric/train/good/002.png", np.zeros((64, 64, 4), np.uint8), "RGBA"),
-             "fabric/train/good/002.png", "image mode not allowed"),
-    "size": (lambda: save(DATA / "washer/train/good/003.png", np.zeros((16, 16, 3), np.uint8)),
-             "washer/train/good/003.png", "width outside [32, 8192] pixels"),
-    "missing_mask": (lambda: (DATA / "fabric/ground_truth/crack/000_mask.png").unlink(),
-                     "fabric/test/crack/000.png", "mask missing for a defect image"),
-    "mask_on_good": (lambda: save(DATA / "fabric/ground_truth/good/000_mask.png", np.zeros((64, 64), np.uint8)),
-                     "fabric/test/good/000.png", "a mask exists for a good image"),
-    "mask_size": (lambda: save(DATA / "washer/ground_truth/hole/000_mask.png", np.full((32, 32), 255, np.uint8)),
-                  "washer/test/hole/000.png", "mask size differs from image size"),
-    "mask_not_binary": (lambda: save(DATA / "washer/ground_truth/stain/000_mask.png",
-                                     np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)),
-                        "washer/test/stain/000.png", "mask values are not binary"),
-    "mask_empty": (lambda: save(DATA / "fabric/ground_truth/scratch/000_mask.png", np.zeros((64, 64), np.uint8)),
-                   "fabric/test/scratch/000.png", "defect mask is empty"),
-    "mask_corrupt": (lambda: (DATA / "fabric/ground_truth/hole/000_mask.png").write_bytes(b"not a png"),
-                     "fabric/test/hole/000.png", "mask file does not decode"),
-    "defect_in_train": (lambda: shutil.copytree(DATA / "washer/test/crack", DATA / "washer/train/crack"),
-                        "washer/train/crack/000.png", "anomalous image in the training split"),
-    "test_copied_into_train": (lambda: shutil.copy(DATA / "fabric/test/stain/000.png", DATA / "fabric/train/good/x.png"),
-                               "fabric/train/good/x.png", "identical image in both train and test"),
+    "truncated": (
+        lambda: truncate(DATA / "fabric/test/good/001.png"),
+        "fabric/test/good/001.png",
+        "file does not decode fully (truncated or corrupt)",
+    ),
+    "mode": (
+        lambda: save(DATA / "fabric/train/good/002.png", np.zeros((64, 64, 4), np.uint8), "RGBA"),
+        "fabric/train/good/002.png",
+        "image mode not allowed",
+    ),
+    "size": (
+        lambda: save(DATA / "washer/train/good/003.png", np.zeros((16, 16, 3), np.uint8)),
+        "washer/train/good/003.png",
+        "width outside [32, 8192] pixels",
+    ),
+    "missing_mask": (
+        lambda: (DATA / "fabric/ground_truth/crack/000_mask.png").unlink(),
+        "fabric/test/crack/000.png",
+        "mask missing for a defect image",
+    ),
+    "mask_on_good": (
+        lambda: save(DATA / "fabric/ground_truth/good/000_mask.png", np.zeros((64, 64), np.uint8)),
+        "fabric/test/good/000.png",
+        "a mask exists for a good image",
+    ),
+    "mask_size": (
+        lambda: save(DATA / "washer/ground_truth/hole/000_mask.png", np.full((32, 32), 255, np.uint8)),
+        "washer/test/hole/000.png",
+        "mask size differs from image size",
+    ),
+    "mask_not_binary": (
+        lambda: save(
+            DATA / "washer/ground_truth/stain/000_mask.png",
+            np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8),
+        ),
+        "washer/test/stain/000.png",
+        "mask values are not binary",
+    ),
+    "mask_empty": (
+        lambda: save(DATA / "fabric/ground_truth/scratch/000_mask.png", np.zeros((64, 64), np.uint8)),
+        "fabric/test/scratch/000.png",
+        "defect mask is empty",
+    ),
+    "mask_corrupt": (
+        lambda: (DATA / "fabric/ground_truth/hole/000_mask.png").write_bytes(b"not a png"),
+        "fabric/test/hole/000.png",
+        "mask file does not decode",
+    ),
+    "defect_in_train": (
+        lambda: shutil.copytree(DATA / "washer/test/crack", DATA / "washer/train/crack"),
+        "washer/train/crack/000.png",
+        "anomalous image in the training split",
+    ),
+    "test_copied_into_train": (
+        lambda: shutil.copy(DATA / "fabric/test/stain/000.png", DATA / "fabric/train/good/x.png"),
+        "fabric/train/good/x.png",
+        "identical image in both train and test",
+    ),
 }
 
 

@@ -93,8 +93,15 @@ def test_folder_import(tmp_path):
     png(tmp_path / "anomalous" / "a0.png")
     mask_png(tmp_path / "masks" / "a0_mask.png", True)
     png(tmp_path / "anomalous" / "a1.png")  # no mask: left for validation to report
-    import_folder_category(tmp_path / "normal", tmp_path / "anomalous", tmp_path / "masks", tmp_path / "out",
-                           mask_suffix="_mask", test_normal_fraction=0.2, seed=0)
+    import_folder_category(
+        tmp_path / "normal",
+        tmp_path / "anomalous",
+        tmp_path / "masks",
+        tmp_path / "out",
+        mask_suffix="_mask",
+        test_normal_fraction=0.2,
+        seed=0,
+    )
     samples = build_sample_index(tmp_path / "out", "c")
     assert sum(s.split == "train" for s in samples) == 8
     assert sum(s.split == "test" and s.label == 0 for s in samples) == 2
@@ -104,5 +111,12 @@ def test_folder_import(tmp_path):
 
 def test_folder_import_without_normals_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match=r"no normal images in .*normal"):
-        import_folder_category(tmp_path / "normal", tmp_path / "a", tmp_path / "m", tmp_path / "out",
-                               mask_suffix="_mask", test_normal_fraction=0.2, seed=0)
+        import_folder_category(
+            tmp_path / "normal",
+            tmp_path / "a",
+            tmp_path / "m",
+            tmp_path / "out",
+            mask_suffix="_mask",
+            test_normal_fraction=0.2,
+            seed=0,
+        )
