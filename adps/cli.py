@@ -66,5 +66,26 @@ def validate(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     run_stage(stages.validate, params)
 
 
+CategoryOption = Annotated[str, typer.Option("--category", "-c", help="Category to work on (one of data.categories).")]
+
+
+@app.command()
+def distill(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Stage 1: asymmetric distillation of the student; writes models/<category>/student.pt (resumable)."""
+    run_stage(stages.distill, params, category)
+
+
+@app.command()
+def psm(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Stage 2: train the Post-Segmentation Module through the WMB; writes models/<category>/psm.pt (resumable)."""
+    run_stage(stages.psm, params, category)
+
+
+@app.command()
+def evaluate(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Choose thresholds on the validation split, compute test metrics, curves and heatmaps."""
+    run_stage(stages.evaluate, params, category)
+
+
 if __name__ == "__main__":
     app()

@@ -33,6 +33,8 @@ class Section(BaseModel):
 
 class RuntimeParams(Section):
     seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0)
     progress: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -102,6 +104,66 @@ class ValidationParams(Section):
     min_test_defect: int = Field(1, ge=0)
 
 
+class ModelParams(Section):
+    backbone: Literal["resnet18", "wide_resnet50_2"] = "resnet18"
+    teacher_weights: str = "auto"
+    patches: int = Field(4, ge=1, le=16)
+    split_after: tuple[Literal[0, 1, 2], ...] = (0,)
+    psm_head_channels: tuple[int, int] = (32, 16)
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> ModelParams:
+        if self.teacher_weights not in ("auto", "imagenet", "none") and not self.teacher_weights.strip():
+            raise ValueError("model.teacher_weights must be auto, imagenet, none or a state-dict file path")
+        return self
+
+
+class PhaseParams(Section):
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_milestones: tuple[float, ...] = (0.8, 0.9)
+    lr_gamma: float = Field(0.2, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class PsmPhaseParams(PhaseParams):
+    joint: bool = False
+    student_lr: float = Field(1e-4, gt=0)
+
+
+class TrainParams(Section):
+    distill: PhaseParams = PhaseParams()
+    psm: PsmPhaseParams = PsmPhaseParams()
+
+
+class LossParams(Section):
+    push_weight: float = Field(1.0, ge=0)
+    push_floor: float | None = 0.0
+    mask_threshold: float = Field(0.5, gt=0, lt=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float | None = Field(None, gt=0, lt=1)
+    seg_weight: float = Field(1.0, ge=0)
+
+
+class ScoreParams(Section):
+    method: Literal["max", "topk"] = "max"
+    sigma: float = Field(4.0, ge=0)
+    topk: int = Field(100, ge=1)
+
+
+class ThresholdParams(Section):
+    strategy: Literal["f1", "percentile"] = "f1"
+    percentile: float = Field(99.0, gt=0, lt=100)
+
+
+class EvaluationParams(Section):
+    batch_size: int = Field(16, ge=1)
+    n_heatmaps: int = Field(4, ge=0)
+    aupro_fpr_limit: float = Field(0.3, gt=0, le=1)
+    curve_points: int = Field(200, ge=10)
+
+
 class Params(Section):
     """All pipeline parameters; one instance per params file."""
 
@@ -110,6 +172,40 @@ class Params(Section):
     synthetic: SyntheticParams = SyntheticParams()
     synthesis: SynthesisParams = SynthesisParams()
     validation: ValidationParams = ValidationParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    loss: LossParams = LossParams()
+    score: ScoreParams = ScoreParams()
+    threshold: ThresholdParams = ThresholdParams()
+    evaluation: EvaluationParams = EvaluationParams()
+
+    @model_validator(mode="after")
+    def _check_patch_geometry(self) -> Params:
+        problem = patch_geometry_problem(self.data.image_size, self.model.patches, self.model.split_after)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def patch_geometry_problem(image_size: int, k: int, split_after: tuple[int, ...]) -> str | None:
+    """Why the student's k x k patches do not fit the image and the backbone strides, or None.
+
+    Each patch must be divisible by the stride still ahead of it (16 from the input, 4 after layer1,
+    2 after layer2), so that the stitched student maps have the teacher's size.
+    """
+    if k == 1:
+        return None
+    size = image_size
+    for boundary, stride, remaining in ((0, 4, 16), (1, 2, 4), (2, 2, 2)):
+        if boundary in split_after:
+            if size % k or (size // k) % remaining:
+                return (
+                    f"model.patches={k} with model.split_after containing {boundary}: a {size}px map cannot be cut "
+                    f"into {k}x{k} patches divisible by {remaining}; lower model.patches or raise data.image_size"
+                )
+            size //= k
+        size //= stride
+    return None
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:

@@ -42,3 +42,42 @@ def validation_metadata_csv() -> Path:
 
 def data_docs_dir() -> Path:
     return validation_dir() / "data_docs"
+
+
+def model_dir(category: str) -> Path:
+    """``models/<category>``: student.pt, psm.pt and thresholds.json (the deployable model)."""
+    return MODELS_ROOT / category
+
+
+def student_checkpoint(category: str) -> Path:
+    return model_dir(category) / "student.pt"
+
+
+def psm_checkpoint(category: str) -> Path:
+    return model_dir(category) / "psm.pt"
+
+
+def thresholds_file(category: str) -> Path:
+    return model_dir(category) / "thresholds.json"
+
+
+def resume_checkpoint(final: Path) -> Path:
+    """In-progress training state next to a final checkpoint (survives interruption, not a DVC output)."""
+    return final.with_name(f".{final.stem}.resume.pt")
+
+
+def train_history(category: str, phase: str) -> Path:
+    """``reports/train/<category>/<phase>.json``: per-epoch losses, lr and seconds (DVC plots)."""
+    return REPORTS_ROOT / "train" / category / f"{phase}.json"
+
+
+def metrics_file(category: str) -> Path:
+    return REPORTS_ROOT / "metrics" / f"{category}.json"
+
+
+def plots_dir(category: str) -> Path:
+    return REPORTS_ROOT / "plots" / category
+
+
+def heatmaps_dir(category: str) -> Path:
+    return REPORTS_ROOT / "heatmaps" / category

@@ -34,3 +34,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def resolve_device(params: Params):
+    """``runtime.device``: auto -> CUDA when present, else CPU."""
+    import torch
+
+    if params.runtime.device == "cuda" or (params.runtime.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def setup_torch(params: Params):
+    """Seed everything, apply ``runtime.threads``, and return the device to run on."""
+    import torch
+
+    seed_everything(params.runtime.seed)
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
+    return resolve_device(params)

@@ -14,10 +14,25 @@ from typing import Any
 from adps import paths
 from adps.config import Params
 from adps.data import layout, synthetic
+from adps.data.datasets import TestDataset, TrainDataset, ValidationDataset, split_train_val
 from adps.data.validation import validate_dataset
-from adps.errors import ValidationFailed
+from adps.errors import AdpsError, ValidationFailed
+from adps.evaluation import reports
+from adps.evaluation.predictions import predict_dataset
 from adps.files import replace_dir_atomically, write_json_atomically, write_text_atomically
-from adps.runtime import progress_enabled
+from adps.model.backbones import load_teacher_weights
+from adps.runtime import progress_enabled, setup_torch
+from adps.training.checkpoints import (
+    CheckpointError,
+    build_model,
+    fingerprint,
+    load_model,
+    model_spec,
+    read_checkpoint,
+    save_checkpoint,
+)
+from adps.training.loop import Phase, fit
+from adps.training.phases import distill_step, psm_param_groups, psm_step
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +132,136 @@ def failures_csv(failures: list[dict[str, str]]) -> str:
     import pandas as pd
 
     return pd.DataFrame(failures, columns=["file", "check", "reason"]).to_csv(index=False)
+
+
+def category_splits(params: Params, category: str) -> tuple[list, list, list]:
+    """(train, validation, test) samples of a category; validation = held-out normal train images."""
+    if category not in params.data.categories:
+        raise AdpsError(f"unknown category '{category}'; data.categories has: {', '.join(params.data.categories)}")
+    samples = layout.build_sample_index(paths.category_dir(params, category), category)
+    normal_train = [s for s in samples if s.split == "train" and s.label == 0]
+    train, val = split_train_val(normal_train, params.data.val_fraction, params.runtime.seed)
+    return train, val, [s for s in samples if s.split == "test"]
+
+
+def phase_fingerprint(params: Params, category: str, phase: str, train_samples: list) -> str:
+    """Hash of what a phase's result depends on: params sections, category, training files."""
+    sections = ["runtime", "data", "synthesis", "model", "loss"] + (["train"] if phase == "psm" else [])
+    payload = {name: getattr(params, name).model_dump(mode="json") for name in sections}
+    payload.update(
+        phase=phase,
+        category=category,
+        distill=params.train.distill.model_dump(mode="json"),
+        files=[str(s.image_path) for s in train_samples],
+    )
+    return fingerprint(payload)
+
+
+def finish_phase(final: Path, model, spec: dict, history: list, category: str, phase: str, **meta: Any) -> None:
+    """Write the final checkpoint and history, then drop the resume file."""
+    save_checkpoint(final, model.cpu(), spec, phase=phase, history=history, **meta)
+    write_json_atomically(paths.train_history(category, phase), history)
+    paths.resume_checkpoint(final).unlink(missing_ok=True)
+
+
+def distill(params: Params, category: str) -> dict[str, Any]:
+    """Stage ``distill@C``: asymmetric distillation of the student; writes models/C/student.pt."""
+    device = setup_torch(params)
+    train, _, _ = category_splits(params, category)
+    spec = model_spec(params)
+    model = build_model(spec)
+    teacher_weights = load_teacher_weights(model.teacher.net, params.model.backbone, params.model.teacher_weights)
+    model.to(device)
+    final = paths.student_checkpoint(category)
+    stamp = phase_fingerprint(params, category, "distill", train)
+    phase = Phase(
+        "distill",
+        params.train.distill,
+        [{"params": list(model.student.parameters())}],
+        distill_step(model, params.loss, device),
+        paths.resume_checkpoint(final),
+        spec,
+        stamp,
+        params.runtime.seed,
+    )
+    history = fit(phase, model, TrainDataset(train, params, params.runtime.seed), progress_enabled(params))
+    finish_phase(final, model, spec, history, category, "distill", teacher_weights=teacher_weights, fingerprint=stamp)
+    return {
+        "checkpoint": str(final),
+        "epochs": len(history),
+        "final_loss": history[-1]["loss_distill"],
+        "teacher_weights": teacher_weights,
+    }
+
+
+def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
+    """The model with the teacher and student of stage 1 (PSM freshly initialised)."""
+    student = read_checkpoint(paths.student_checkpoint(category))
+    if student["spec"]["model"] | {"psm_head_channels": None} != spec["model"] | {"psm_head_channels": None}:
+        raise CheckpointError(
+            f"{paths.student_checkpoint(category)} was trained with model params {student['spec']['model']} "
+            f"but params say {spec['model']}: rerun `adps distill --category {category}` first."
+        )
+    model = build_model(spec)
+    kept = {k: v for k, v in student["state"].items() if k.startswith(("teacher.", "student."))}
+    model.load_state_dict(kept, strict=False)
+    return model, student
+
+
+def psm(params: Params, category: str) -> dict[str, Any]:
+    """Stage ``psm@C``: train the Post-Segmentation Module through the WMB; writes models/C/psm.pt."""
+    device = setup_torch(params)
+    train, _, _ = category_splits(params, category)
+    spec = model_spec(params)
+    model, student = load_trained_student(params, category, spec)
+    model.to(device)
+    final = paths.psm_checkpoint(category)
+    stamp = phase_fingerprint(params, category, "psm", train) + student["fingerprint"]
+    phase = Phase(
+        "psm",
+        params.train.psm,
+        psm_param_groups(model, params.train.psm),
+        psm_step(model, params.loss, params.train.psm, device),
+        paths.resume_checkpoint(final),
+        spec,
+        stamp,
+        params.runtime.seed + 1,
+    )
+    history = fit(phase, model, TrainDataset(train, params, params.runtime.seed + 1), progress_enabled(params))
+    finish_phase(
+        final, model, spec, history, category, "psm", teacher_weights=student["teacher_weights"], fingerprint=stamp
+    )
+    return {
+        "checkpoint": str(final),
+        "epochs": len(history),
+        "final_loss": history[-1]["loss_seg"],
+        "teacher_weights": student["teacher_weights"],
+    }
+
+
+def evaluate(params: Params, category: str) -> dict[str, Any]:
+    """Stage ``evaluate@C``: thresholds on the validation split, metrics, curves and heatmaps on test.
+
+    Writes models/C/thresholds.json, reports/metrics/C.json, reports/plots/C/ and reports/heatmaps/C/.
+    """
+    device = setup_torch(params)
+    _, val, test = category_splits(params, category)
+    model, checkpoint = load_model(paths.psm_checkpoint(category))
+    model.to(device)
+    batch, progress = params.evaluation.batch_size, progress_enabled(params)
+    val_pred = predict_dataset(model, ValidationDataset(val, params, params.runtime.seed + 2), batch, device, progress)
+    test_pred = predict_dataset(model, TestDataset(test, params), batch, device, progress)
+    thresholds = reports.calibrate(val_pred, params.threshold)
+    metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)
+    metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
+    write_json_atomically(paths.thresholds_file(category), thresholds)
+    reports.write_curves(paths.plots_dir(category), test_pred, params.evaluation.curve_points)
+    reports.write_heatmaps(
+        paths.heatmaps_dir(category),
+        test_pred,
+        thresholds["pixel"],
+        params.evaluation.n_heatmaps,
+        params.data.image_size,
+    )
+    write_json_atomically(paths.metrics_file(category), metrics)
+    return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in reports.HEADLINE}}

@@ -113,3 +113,46 @@ class TestDataset(Dataset):
             "label": torch.tensor(float(sample.label)),
             "path": str(sample.image_path),
         }
+
+
+def split_train_val(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded split of normal training images into (train, held-out validation); at least one each."""
+    order = np.random.default_rng(np.random.SeedSequence([seed, 0x7A1])).permutation(len(samples))
+    n_val = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
+    val_idx = set(order[:n_val].tolist())
+    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    return train, [s for i, s in enumerate(samples) if i in val_idx]
+
+
+class ValidationDataset(Dataset):
+    """Held-out normal images, each twice: as is (label 0) and with a synthetic anomaly (label 1).
+
+    The anomalies use their own seed, so thresholds chosen here never see the test split.
+    """
+
+    def __init__(self, samples: Sequence[Sample], params: Params, seed: int):
+        self.samples = list(samples)
+        self.size = params.data.image_size
+        self.seed = seed
+        self.normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+        always = params.synthesis.model_copy(update={"normal_prob": 0.0})
+        self.synthesize = AnomalySynthesizer(always, self.size, seed)
+
+    def __len__(self) -> int:
+        return 2 * len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        sample = self.samples[index % len(self.samples)]
+        image = load_rgb(sample.image_path, self.size)
+        mask = np.zeros(image.shape[:2], bool)
+        if index >= len(self.samples):
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
+            while not mask.any():
+                synthetic, mask = self.synthesize(image, rng)
+            image = synthetic
+        return {
+            "image": self.normalize(image),
+            "mask": torch.from_numpy(mask.astype(np.float32))[None],
+            "label": torch.tensor(float(mask.any())),
+            "path": f"{sample.image_path}#{'synthetic' if mask.any() else 'normal'}",
+        }

@@ -1,0 +1,56 @@
+"""Running a model over a dataset and collecting maps, scores and ground truth as numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from adps.model.adps import AdpsModel
+
+MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Predictions:
+    """maps (N, H, W) float32, scores (N,), masks (N, H, W) bool, labels (N,) int, paths [N]."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+
+def adps_maps(model: AdpsModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(image)
+    return out.anomaly_map, out.image_score
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: AdpsModel,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+    map_fn: MapFn = adps_maps,
+) -> Predictions:
+    """Anomaly maps and scores of every item of ``dataset`` (items: image, mask, label, path)."""
+    model.eval()
+    maps, scores, masks, labels, paths = [], [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for batch in tqdm(loader, desc="predicting", leave=False, disable=not progress):
+        anomaly_map, score = map_fn(model, batch["image"].to(device))
+        maps.append(anomaly_map[:, 0].float().cpu().numpy())
+        scores.append(score.float().cpu().numpy())
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        labels.append(batch["label"].numpy().astype(int))
+        paths.extend(batch["path"])
+    return Predictions(
+        np.concatenate(maps), np.concatenate(scores), np.concatenate(masks), np.concatenate(labels), paths
+    )

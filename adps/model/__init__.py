@@ -1,0 +1,1 @@
+"""Teacher/student backbones, Weight Mask Block, Post-Segmentation Module, the ADPS model, losses."""

@@ -1,0 +1,165 @@
+"""The ADPS model: teacher + patch student, Weight Mask Block, Post-Segmentation Module, scoring."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adps.model.backbones import Student, Teacher, stage_channels
+
+
+@dataclass
+class DistillOutput:
+    """Per-level teacher and student maps and their cosine similarity.
+
+    Attributes:
+        teacher_feats: [(B, C_i, h_i, w_i)] for i = 1..3.
+        student_feats: same shapes as ``teacher_feats`` (patches stitched back).
+        cos_maps: [(B, 1, h_i, w_i)] cosine similarity per position (the WMB weights W_i).
+    """
+
+    teacher_feats: list[torch.Tensor]
+    student_feats: list[torch.Tensor]
+    cos_maps: list[torch.Tensor]
+
+
+@dataclass
+class AdpsOutput:
+    """What the model returns in every mode.
+
+    Attributes:
+        anomaly_map: (B, 1, H, W) anomaly probability per pixel, in [0, 1].
+        logits: (B, 2, H, W) PSM logits (normal, anomalous), for the segmentation loss.
+        image_score: (B,) image anomaly score (smoothed-map max or top-k mean).
+        distill: the per-level teacher/student maps and cosine maps.
+    """
+
+    anomaly_map: torch.Tensor
+    logits: torch.Tensor
+    image_score: torch.Tensor
+    distill: DistillOutput
+
+
+def weight_mask(teacher_feats: list[torch.Tensor], cos_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Weight Mask Block (Eqs. 1-2): C_i = (1 - W_i) * T_i with W_i = cos(T_i, S_i). No parameters."""
+    return [(1 - w) * t for t, w in zip(teacher_feats, cos_maps, strict=True)]
+
+
+def double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class PostSegmentation(nn.Module):
+    """UNet up-path (Eqs. 3-6) from the re-weighted teacher maps to a full-resolution 2-class map.
+
+    Start from C_3, then for C_2 and C_1: 2x transposed conv, concatenate, double conv. From 1/4 of the
+    input, two more 2x up-steps without skip reach full resolution; a 3x3 conv gives 2 logits.
+    """
+
+    def __init__(self, level_channels: tuple[int, int, int], head_channels: tuple[int, int]):
+        super().__init__()
+        c1, c2, c3 = level_channels
+        self.up3 = nn.ConvTranspose2d(c3, c2, 2, stride=2)
+        self.fuse2 = double_conv(2 * c2, c2)
+        self.up2 = nn.ConvTranspose2d(c2, c1, 2, stride=2)
+        self.fuse1 = double_conv(2 * c1, c1)
+        h1, h2 = head_channels
+        self.up_half = nn.Sequential(nn.ConvTranspose2d(c1, h1, 2, stride=2), double_conv(h1, h1))
+        self.up_full = nn.Sequential(nn.ConvTranspose2d(h1, h2, 2, stride=2), double_conv(h2, h2))
+        self.head = nn.Conv2d(h2, 2, 3, padding=1)
+
+    def forward(self, reweighted: list[torch.Tensor]) -> torch.Tensor:
+        """[(B, C_i, h_i, w_i)] -> (B, 2, 4*h_1, 4*w_1) logits."""
+        c1, c2, c3 = reweighted
+        x = self.fuse2(torch.cat([self.up3(c3), c2], dim=1))
+        x = self.fuse1(torch.cat([self.up2(x), c1], dim=1))
+        return self.head(self.up_full(self.up_half(x)))
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+class ImageScorer(nn.Module):
+    """Image score from a (B, 1, H, W) map: max of the Gaussian-smoothed map, or mean of the top-k pixels."""
+
+    def __init__(self, method: str, sigma: float, topk: int):
+        super().__init__()
+        self.method, self.topk = method, topk
+        self.register_buffer("kernel", gaussian_kernel(sigma) if sigma > 0 else torch.ones(1), persistent=False)
+
+    def smooth(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        if self.kernel.numel() == 1:
+            return anomaly_map
+        r = self.kernel.numel() // 2
+        x = F.pad(anomaly_map, (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, self.kernel.view(1, 1, 1, -1))
+        return F.conv2d(x, self.kernel.view(1, 1, -1, 1))
+
+    def forward(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        flat = self.smooth(anomaly_map).flatten(1)
+        if self.method == "max":
+            return flat.max(dim=1).values
+        return flat.topk(min(self.topk, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+class AdpsModel(nn.Module):
+    """Teacher (whole image) + student (k x k patches) -> WMB -> PSM -> anomaly map and image score."""
+
+    def __init__(
+        self,
+        backbone: str,
+        patches: int,
+        split_after: tuple[int, ...],
+        psm_head_channels: tuple[int, int],
+        score_method: str,
+        score_sigma: float,
+        score_topk: int,
+    ):
+        super().__init__()
+        self.teacher = Teacher(backbone)
+        self.student = Student(backbone, patches, split_after)
+        self.psm = PostSegmentation(stage_channels(backbone), psm_head_channels)
+        self.scorer = ImageScorer(score_method, score_sigma, score_topk)
+
+    def distill(self, image: torch.Tensor) -> DistillOutput:
+        """Teacher and student maps for (B, 3, H, W) images, and their per-level cosine maps."""
+        with torch.no_grad():
+            teacher_feats = self.teacher(image)
+        student_feats = self.student(image)
+        cos_maps = [
+            F.cosine_similarity(t, s, dim=1).unsqueeze(1) for t, s in zip(teacher_feats, student_feats, strict=True)
+        ]
+        return DistillOutput(teacher_feats, student_feats, cos_maps)
+
+    def segment(self, distill: DistillOutput, size: tuple[int, int]) -> AdpsOutput:
+        """WMB + PSM on given teacher/student maps -> anomaly map of ``size`` and image score."""
+        logits = self.psm(weight_mask(distill.teacher_feats, distill.cos_maps))
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        anomaly_map = logits.softmax(dim=1)[:, 1:2]
+        return AdpsOutput(anomaly_map, logits, self.scorer(anomaly_map.detach()), distill)
+
+    def forward(self, image: torch.Tensor) -> AdpsOutput:
+        """Algorithm 1: (B, 3, H, W) -> anomaly map (B, 1, H, W) and image score (B,)."""
+        return self.segment(self.distill(image), tuple(image.shape[-2:]))
+
+
+def cosine_anomaly_map(distill: DistillOutput, size: tuple[int, int]) -> torch.Tensor:
+    """Ablation without WMB/PSM: mean over levels of (1 - cos), upsampled to ``size``. (B, 1, H, W)."""
+    maps = [F.interpolate(1 - w, size=size, mode="bilinear", align_corners=False) for w in distill.cos_maps]
+    return torch.stack(maps).mean(dim=0)

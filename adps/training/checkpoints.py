@@ -1,0 +1,93 @@
+"""Checkpoints: weights + the model's params + versions + teacher weights used.
+
+Saved atomically, loaded with ``torch.load(weights_only=True)``. A checkpoint alone rebuilds the
+model (no params.yaml needed): it carries the model, score and preprocessing params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+import adps
+from adps.config import Params
+from adps.errors import AdpsError
+from adps.files import write_atomically
+from adps.model.adps import AdpsModel
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(AdpsError):
+    """A checkpoint that is missing, unreadable or of another format."""
+
+
+def model_spec(params: Params) -> dict[str, Any]:
+    """Everything needed to rebuild the model and preprocess its input, as plain JSON-able data."""
+    return {
+        "model": params.model.model_dump(mode="json"),
+        "score": params.score.model_dump(mode="json"),
+        "image_size": params.data.image_size,
+        "normalize_mean": list(params.data.normalize_mean),
+        "normalize_std": list(params.data.normalize_std),
+    }
+
+
+def fingerprint(payload: Any) -> str:
+    """Short stable hash of JSON-able data (to tell whether a resume file matches the params)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_model(spec: dict[str, Any]) -> AdpsModel:
+    m, s = spec["model"], spec["score"]
+    return AdpsModel(
+        backbone=m["backbone"],
+        patches=m["patches"],
+        split_after=tuple(m["split_after"]),
+        psm_head_channels=tuple(m["psm_head_channels"]),
+        score_method=s["method"],
+        score_sigma=s["sigma"],
+        score_topk=s["topk"],
+    )
+
+
+def versions() -> dict[str, str]:
+    return {
+        "adps": adps.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def save_checkpoint(path: Path, model: AdpsModel, spec: dict[str, Any], **extra: Any) -> Path:
+    """Write weights, spec, versions and ``extra`` (phase, epoch, optimizer state...) atomically."""
+    payload = {"format": FORMAT_VERSION, "spec": spec, "versions": versions(), "state": model.state_dict(), **extra}
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. Run the stage that writes it first.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}. Delete it and rerun the stage.") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not an ADPS checkpoint of format {FORMAT_VERSION}")
+    return payload
+
+
+def load_model(path: Path) -> tuple[AdpsModel, dict[str, Any]]:
+    """Rebuild the model from a checkpoint alone; returns (model in eval mode, checkpoint dict)."""
+    payload = read_checkpoint(path)
+    model = build_model(payload["spec"])
+    model.load_state_dict(payload["state"])
+    return model.eval(), payload
