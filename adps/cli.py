@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.table import Table
 from adps import stages
 from adps.config import DEFAULT_PARAMS_PATH, load_params
 from adps.errors import AdpsError, ValidationFailed
+from adps.inference import Predictor, predict_to_folder
 from adps.runtime import configure_logging
 
 app = typer.Typer(
@@ -85,6 +87,25 @@ def psm(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) ->
 def evaluate(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Choose thresholds on the validation split, compute test metrics, curves and heatmaps."""
     run_stage(stages.evaluate, params, category)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder (models/<category>) with psm.pt.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="An image file or a folder of images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for predictions.csv and heatmaps/.")],
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        predictor = Predictor.from_dir(model, device)
+        result = predict_to_folder(predictor, input, output, batch_size, progress=sys.stderr.isatty())
+    except AdpsError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ TINY: dict[str, Any] = {
     "synthetic": {"image_size": 64, "n_train": 10, "n_test_good": 2, "n_test_defect": 1},
     "synthesis": {"n_procedural_textures": 4},
     "validation": {"min_train": 5},
+    "model": {"teacher_weights": "none", "psm_head_channels": [8, 8]},
+    "train": {
+        "distill": {"epochs": 2, "batch_size": 4},
+        "psm": {"epochs": 2, "batch_size": 4},
+    },
+    "evaluation": {"batch_size": 8, "n_heatmaps": 2, "curve_points": 20},
 }
 
 

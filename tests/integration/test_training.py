@@ -1,0 +1,105 @@
+"""Two-stage training, evaluation and checkpoints on the tiny dataset, through the stage functions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adps import paths, stages
+from adps.errors import AdpsError
+from adps.inference import Predictor
+from adps.training.checkpoints import CheckpointError, load_model, read_checkpoint
+from tests.conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dataset_master):
+    """One category trained and evaluated once for the module (cwd: a temp project)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(tiny_dataset_master, root / "data" / "synthetic")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        params = tiny_params()
+        results = {name: getattr(stages, name)(params, "washer") for name in ("distill", "psm", "evaluate")}
+    return root, results
+
+
+def test_stages_write_their_outputs(trained, monkeypatch):
+    root, results = trained
+    monkeypatch.chdir(root)
+    for path in (paths.student_checkpoint("washer"), paths.psm_checkpoint("washer"), paths.thresholds_file("washer"),
+                 paths.metrics_file("washer"), paths.train_history("washer", "distill"),
+                 paths.train_history("washer", "psm"), paths.plots_dir("washer") / "pixel_roc.json"):
+        assert path.is_file(), path
+    assert not paths.resume_checkpoint(paths.student_checkpoint("washer")).exists()
+    history = json.loads(paths.train_history("washer", "distill").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and {"loss_distill", "lr", "seconds"} <= set(history[0])
+    metrics = json.loads(paths.metrics_file("washer").read_text())
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "image_threshold"):
+        assert key in metrics
+    assert metrics["teacher_weights"].startswith("none")
+    assert len(list(paths.heatmaps_dir("washer").glob("*.png"))) == 4
+    assert results["evaluate"]["pixel_ap"] == metrics["pixel_ap"]
+
+
+def test_checkpoint_alone_rebuilds_the_model(trained, monkeypatch):
+    root, _ = trained
+    monkeypatch.chdir(root)
+    payload = read_checkpoint(paths.psm_checkpoint("washer"))  # weights_only=True inside
+    assert payload["spec"]["image_size"] == 64 and payload["versions"]["torch"] == str(torch.__version__)
+    assert payload["teacher_weights"].startswith("none")
+    model, _ = load_model(paths.psm_checkpoint("washer"))
+    again, _ = load_model(paths.psm_checkpoint("washer"))
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x).anomaly_map, again(x).anomaly_map)
+
+
+def test_predictor_scores_match_evaluation(trained, monkeypatch):
+    """The deployable model folder gives the same scores as the evaluation stage."""
+    root, _ = trained
+    monkeypatch.chdir(root)
+    predictor = Predictor.from_dir(paths.model_dir("washer"))
+    from adps.data.datasets import TestDataset
+    from adps.evaluation.predictions import predict_dataset
+
+    _, _, test = stages.category_splits(tiny_params(), "washer")
+    expected = predict_dataset(predictor.model, TestDataset(test, tiny_params()), 8, torch.device("cpu"))
+    got = predictor.predict_paths([s.image_path for s in test])
+    np.testing.assert_allclose([r.score for r in got], expected.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_psm_refuses_a_student_trained_with_other_model_params(trained, monkeypatch):
+    root, _ = trained
+    monkeypatch.chdir(root)
+    before = paths.psm_checkpoint("washer").read_bytes()
+    with pytest.raises(CheckpointError, match=r"rerun `adps distill --category washer`"):
+        stages.psm(tiny_params(model={"teacher_weights": "none", "patches": 2}), "washer")
+    assert paths.psm_checkpoint("washer").read_bytes() == before
+
+
+def test_missing_checkpoint_and_unknown_category_are_clear_errors(project):
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: models/fabric/psm.pt"):
+        stages.evaluate(tiny_params(), "fabric")
+    with pytest.raises(AdpsError, match=r"unknown category 'bottle'; data.categories has: fabric, washer"):
+        stages.distill(tiny_params(), "bottle")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(project):
+    paths.psm_checkpoint("fabric").parent.mkdir(parents=True)
+    paths.psm_checkpoint("fabric").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint models/fabric/psm.pt"):
+        stages.evaluate(tiny_params(), "fabric")
+
+
+def test_symmetric_and_joint_variants_train(project):
+    params = tiny_params(model={"teacher_weights": "none", "patches": 1, "psm_head_channels": [8, 8]},
+                         train={"distill": {"epochs": 1}, "psm": {"epochs": 1, "joint": True}})
+    stages.distill(params, "fabric")
+    result = stages.psm(params, "fabric")
+    history = json.loads(paths.train_history("fabric", "psm").read_text())
+    assert {"loss_distill", "loss_seg"} <= set(history[0]) and result["epochs"] == 1

@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from adps.model.adps import AdpsModel, AdpsOutput, cosine_anomaly_map, weight_mask
+from adps.model.backbones import (
+    Student,
+    Teacher,
+    TeacherWeightsError,
+    load_teacher_weights,
+    split_into_patches,
+    stitch_patches,
+)
+
+
+def small_model(**kw) -> AdpsModel:
+    args = dict(backbone="resnet18", patches=4, split_after=(0,), psm_head_channels=(8, 8), score_method="max",
+                score_sigma=2.0, score_topk=10)
+    return AdpsModel(**{**args, **kw})
+
+
+def test_split_and_stitch_are_inverse_and_keep_positions():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    patches = split_into_patches(x, 4)
+    assert patches.shape == (32, 3, 2, 2)
+    torch.testing.assert_close(patches[1 * 16 + 1 * 4 + 2], x[1, :, 2:4, 4:6])  # image 1, row 1, col 2
+    torch.testing.assert_close(stitch_patches(patches, 4), x)
+
+
+def test_student_sees_patches_independently():
+    """Changing one patch of the input changes only that patch's student features (no context leak)."""
+    torch.manual_seed(0)
+    student = Student("resnet18", 4, (0,)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[..., :16, :16] += 1.0  # top-left patch only
+    fx, fy = student(x), student(y)
+    for level in range(3):
+        diff = (fx[level] - fy[level]).abs().sum(dim=1)[0]
+        h = diff.shape[0] // 4
+        assert diff[:h, :h].sum() > 0
+        assert diff[h:, :].sum() == 0 and diff[:, h:].sum() == 0
+
+
+def test_k1_is_plain_symmetric_distillation():
+    torch.manual_seed(0)
+    student = Student("resnet18", 1, (0,)).eval()
+    teacher = Teacher("resnet18")
+    teacher.net.load_state_dict(student.net.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for s, t in zip(student(x), teacher(x), strict=True):
+        torch.testing.assert_close(s, t)
+
+
+def test_teacher_is_frozen_and_always_eval():
+    model = small_model()
+    model.train()
+    assert not model.teacher.training and not model.teacher.net.training
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_forward_returns_one_dataclass_in_every_mode():
+    model = small_model()
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (True, False):
+        model.train(mode)
+        out = model(x)
+        assert isinstance(out, AdpsOutput)
+        assert out.anomaly_map.shape == (2, 1, 64, 64) and out.logits.shape == (2, 2, 64, 64)
+        assert out.image_score.shape == (2,)
+        assert 0 <= out.anomaly_map.min() and out.anomaly_map.max() <= 1
+        assert [tuple(c.shape) for c in out.distill.cos_maps] == [(2, 1, 16, 16), (2, 1, 8, 8), (2, 1, 4, 4)]
+
+
+def test_weight_mask_block():
+    t = [torch.ones(1, 2, 2, 2)]
+    w = [torch.tensor([[[[1.0, 0.0], [0.5, -1.0]]]])]
+    torch.testing.assert_close(weight_mask(t, w)[0][0, 0], torch.tensor([[0.0, 1.0], [0.5, 2.0]]))
+
+
+def test_cosine_map_ablation_shape():
+    model = small_model()
+    distill = model.distill(torch.randn(1, 3, 64, 64))
+    assert cosine_anomaly_map(distill, (64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_topk_score_is_mean_of_top_pixels():
+    model = small_model(score_method="topk", score_sigma=0.0, score_topk=2)
+    m = torch.zeros(1, 1, 4, 4)
+    m[0, 0, 0, :3] = torch.tensor([0.2, 0.9, 0.7])
+    assert model.scorer(m).item() == pytest.approx(0.8)
+
+
+def test_teacher_weights_choices(tmp_path: Path, caplog):
+    teacher = Teacher("resnet18")
+    assert load_teacher_weights(teacher.net, "resnet18", "none").startswith("none")
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "r18.pth"
+    torch.save(reference, path)
+    record = load_teacher_weights(teacher.net, "resnet18", str(path))
+    assert record.startswith(f"file {path}")
+    torch.testing.assert_close(teacher.net["layer2"][0].conv1.weight, reference["layer2.0.conv1.weight"])
+    with pytest.raises(TeacherWeightsError, match="file not found"):
+        load_teacher_weights(teacher.net, "resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_imagenet_offline_is_a_clear_error_and_auto_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: weights must be downloaded
+    teacher = Teacher("resnet18")
+    try:
+        record = load_teacher_weights(teacher.net, "resnet18", "imagenet")
+    except TeacherWeightsError as err:
+        assert "'none'" in str(err) and "'auto'" in str(err) and "file path" in str(err)
+    else:  # a machine with internet: the weights were downloaded for real
+        assert record.startswith("imagenet")
+        return
+    record = load_teacher_weights(teacher.net, "resnet18", "auto")
+    assert "random init" in record and "RANDOM INIT" in caplog.text
