@@ -47,7 +47,7 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, spec: dict[str, Any], thresholds: dict[str, Any], device: str = "cpu"):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval().set_scoring(**thresholds["score"])
         self.size = spec["image_size"]
         self.normalize = Normalizer(spec["normalize_mean"], spec["normalize_std"])
         self.thresholds = thresholds

@@ -19,11 +19,12 @@ from adps.files import write_json_atomically
 HEADLINE = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max")
 
 
-def calibrate(val: Predictions, cfg: ThresholdParams) -> dict[str, Any]:
-    """Image and pixel thresholds from the validation split, with how they were chosen."""
+def calibrate(val: Predictions, cfg: ThresholdParams, score: dict[str, Any]) -> dict[str, Any]:
+    """Image and pixel thresholds from the validation split, how they were chosen, and the scoring they assume."""
     thresholds = choose_thresholds(val.scores, val.labels, val.maps, val.masks, cfg)
     return {
         **thresholds,
+        "score": score,
         "strategy": cfg.strategy,
         "percentile": cfg.percentile,
         "source": "validation split",

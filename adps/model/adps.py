@@ -126,15 +126,17 @@ class AdpsModel(nn.Module):
         patches: int,
         split_after: tuple[int, ...],
         psm_head_channels: tuple[int, int],
-        score_method: str,
-        score_sigma: float,
-        score_topk: int,
     ):
         super().__init__()
         self.teacher = Teacher(backbone)
         self.student = Student(backbone, patches, split_after)
         self.psm = PostSegmentation(stage_channels(backbone), psm_head_channels)
-        self.scorer = ImageScorer(score_method, score_sigma, score_topk)
+        self.scorer = ImageScorer("max", 4.0, 100)
+
+    def set_scoring(self, method: str, sigma: float, topk: int) -> AdpsModel:
+        """Choose how the image score is read off the map (``score.*`` params; no weights involved)."""
+        self.scorer = ImageScorer(method, sigma, topk).to(self.psm.head.weight.device)
+        return self
 
     def distill(self, image: torch.Tensor) -> DistillOutput:
         """Teacher and student maps for (B, 3, H, W) images, and their per-level cosine maps."""

@@ -1,7 +1,7 @@
 """Checkpoints: weights + the model's params + versions + teacher weights used.
 
 Saved atomically, loaded with ``torch.load(weights_only=True)``. A checkpoint alone rebuilds the
-model (no params.yaml needed): it carries the model, score and preprocessing params.
+model (no params.yaml needed): it carries the model and preprocessing params.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ def model_spec(params: Params) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess its input, as plain JSON-able data."""
     return {
         "model": params.model.model_dump(mode="json"),
-        "score": params.score.model_dump(mode="json"),
         "image_size": params.data.image_size,
         "normalize_mean": list(params.data.normalize_mean),
         "normalize_std": list(params.data.normalize_std),
@@ -45,15 +44,12 @@ def fingerprint(payload: Any) -> str:
 
 
 def build_model(spec: dict[str, Any]) -> AdpsModel:
-    m, s = spec["model"], spec["score"]
+    m = spec["model"]
     return AdpsModel(
         backbone=m["backbone"],
         patches=m["patches"],
         split_after=tuple(m["split_after"]),
         psm_head_channels=tuple(m["psm_head_channels"]),
-        score_method=s["method"],
-        score_sigma=s["sigma"],
-        score_topk=s["topk"],
     )
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,8 +22,6 @@ from tests.conftest import tiny_params
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_dataset_master):
     """One category trained and evaluated once for the module (cwd: a temp project)."""
-    import shutil
-
     root = tmp_path_factory.mktemp("trained")
     shutil.copytree(tiny_dataset_master, root / "data" / "synthetic")
     with pytest.MonkeyPatch.context() as mp:
@@ -32,9 +34,15 @@ def trained(tmp_path_factory, tiny_dataset_master):
 def test_stages_write_their_outputs(trained, monkeypatch):
     root, results = trained
     monkeypatch.chdir(root)
-    for path in (paths.student_checkpoint("washer"), paths.psm_checkpoint("washer"), paths.thresholds_file("washer"),
-                 paths.metrics_file("washer"), paths.train_history("washer", "distill"),
-                 paths.train_history("washer", "psm"), paths.plots_dir("washer") / "pixel_roc.json"):
+    for path in (
+        paths.student_checkpoint("washer"),
+        paths.psm_checkpoint("washer"),
+        paths.thresholds_file("washer"),
+        paths.metrics_file("washer"),
+        paths.train_history("washer", "distill"),
+        paths.train_history("washer", "psm"),
+        paths.plots_dir("washer") / "pixel_roc.json",
+    ):
         assert path.is_file(), path
     assert not paths.resume_checkpoint(paths.student_checkpoint("washer")).exists()
     history = json.loads(paths.train_history("washer", "distill").read_text())
@@ -97,9 +105,44 @@ def test_corrupt_checkpoint_is_a_clear_error(project):
 
 
 def test_symmetric_and_joint_variants_train(project):
-    params = tiny_params(model={"teacher_weights": "none", "patches": 1, "psm_head_channels": [8, 8]},
-                         train={"distill": {"epochs": 1}, "psm": {"epochs": 1, "joint": True}})
+    params = tiny_params(
+        model={"teacher_weights": "none", "patches": 1, "psm_head_channels": [8, 8]},
+        train={"distill": {"epochs": 1}, "psm": {"epochs": 1, "joint": True}},
+    )
     stages.distill(params, "fabric")
     result = stages.psm(params, "fabric")
     history = json.loads(paths.train_history("fabric", "psm").read_text())
     assert {"loss_distill", "loss_seg"} <= set(history[0]) and result["epochs"] == 1
+
+
+def test_predict_cli_on_a_folder_with_one_corrupt_file(trained, tmp_path):
+    root, _ = trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("good/000.png", "hole/000.png", "crack/000.png"):
+        shutil.copy(root / "data/synthetic/washer/test" / name, inputs / name.replace("/", "_"))
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    command = [
+        sys.executable,
+        "-m",
+        "adps.cli",
+        "predict",
+        "--model",
+        str(root / "models/washer"),
+        "--input",
+        str(inputs),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "broken.png" in out.stderr  # logged
+    with open(tmp_path / "out/predictions.csv") as handle:
+        rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"good_000.png", "hole_000.png", "crack_000.png", "broken.png"}
+    assert "cannot read image" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
+    for name in ("good_000.png", "hole_000.png", "crack_000.png"):
+        assert rows[name]["error"] == "" and float(rows[name]["score"]) >= 0
+        assert rows[name]["is_anomalous"] in ("True", "False")
+        assert (tmp_path / "out/heatmaps" / name).is_file()
+    assert json.loads(out.stdout)["n_unreadable"] == 1

@@ -16,9 +16,9 @@ from adps.model.backbones import (
 
 
 def small_model(**kw) -> AdpsModel:
-    args = dict(backbone="resnet18", patches=4, split_after=(0,), psm_head_channels=(8, 8), score_method="max",
-                score_sigma=2.0, score_topk=10)
-    return AdpsModel(**{**args, **kw})
+    scoring = {k: kw.pop(k) for k in ("method", "sigma", "topk") if k in kw}
+    args = dict(backbone="resnet18", patches=4, split_after=(0,), psm_head_channels=(8, 8))
+    return AdpsModel(**{**args, **kw}).set_scoring(**{"method": "max", "sigma": 2.0, "topk": 10, **scoring})
 
 
 def test_split_and_stitch_are_inverse_and_keep_positions():
@@ -70,7 +70,7 @@ def test_forward_returns_one_dataclass_in_every_mode():
         assert isinstance(out, AdpsOutput)
         assert out.anomaly_map.shape == (2, 1, 64, 64) and out.logits.shape == (2, 2, 64, 64)
         assert out.image_score.shape == (2,)
-        assert 0 <= out.anomaly_map.min() and out.anomaly_map.max() <= 1
+        assert out.anomaly_map.min() >= 0 and out.anomaly_map.max() <= 1
         assert [tuple(c.shape) for c in out.distill.cos_maps] == [(2, 1, 16, 16), (2, 1, 8, 8), (2, 1, 4, 4)]
 
 
@@ -87,7 +87,7 @@ def test_cosine_map_ablation_shape():
 
 
 def test_topk_score_is_mean_of_top_pixels():
-    model = small_model(score_method="topk", score_sigma=0.0, score_topk=2)
+    model = small_model(method="topk", sigma=0.0, topk=2)
     m = torch.zeros(1, 1, 4, 4)
     m[0, 0, 0, :3] = torch.tensor([0.2, 0.9, 0.7])
     assert model.scorer(m).item() == pytest.approx(0.8)
