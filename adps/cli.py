@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adps import stages
-from adps.config import DEFAULT_PARAMS_PATH, load_params
+from adps.config import DEFAULT_PARAMS_PATH, Params, load_params
 from adps.errors import AdpsError, ValidationFailed
 from adps.inference import Predictor, predict_to_folder
 from adps.runtime import configure_logging
@@ -90,17 +90,49 @@ def evaluate(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PAT
 
 
 @app.command()
+def register(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Log the category's MLflow run and register its model as adps-<category> (alias challenger)."""
+    run_stage(stages.register, params, category)
+
+
+@app.command()
+def promote(
+    category: CategoryOption,
+    version: Annotated[str, typer.Option("--version", "-v", help="Registered model version to make champion.")],
+    params: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Move the champion alias of adps-<category> to a version (as the MLflow UI does)."""
+    run_stage(stages.promote, params, category, version)
+
+
+def load_predictor(model: str, params_path: Path, device: str) -> Predictor:
+    """A model folder, or a registry URI ``models:/adps-<category>@champion`` (tracking URI from params)."""
+    if not model.startswith("models:/"):
+        return Predictor.from_dir(Path(model), device)
+    from adps import tracking
+
+    params = load_params(params_path) if params_path.is_file() else Params()
+    tracking.connect(params)
+    return tracking.load_registered_predictor(model)
+
+
+@app.command()
 def predict(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model folder (models/<category>) with psm.pt.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model folder (models/<category>) or models:/adps-<category>@champion.")
+    ],
     input: Annotated[Path, typer.Option("--input", "-i", help="An image file or a folder of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for predictions.csv and heatmaps/.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    params: Annotated[Path, typer.Option("--params", "-p", help="Params file, for tracking.uri only.")] = (
+        DEFAULT_PARAMS_PATH
+    ),
 ) -> None:
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        predictor = Predictor.from_dir(model, device)
+        predictor = load_predictor(model, params, device)
         result = predict_to_folder(predictor, input, output, batch_size, progress=sys.stderr.isatty())
     except AdpsError as err:
         console.print(f"[bold red]error:[/] {err}")

@@ -36,6 +36,9 @@ class RuntimeParams(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)
     progress: bool = True
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -164,6 +167,21 @@ class EvaluationParams(Section):
     curve_points: int = Field(200, ge=10)
 
 
+class TrackingParams(Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "adps"
+
+
+class RegistryParams(Section):
+    auto_promote: bool = False
+    promote_metric: Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max"] = "pixel_ap"
+    min_delta: float = Field(0.0, ge=0)
+
+
+class ScheduleParams(Section):
+    cron: str = "0 2 * * *"
+
+
 class Params(Section):
     """All pipeline parameters; one instance per params file."""
 
@@ -178,6 +196,9 @@ class Params(Section):
     score: ScoreParams = ScoreParams()
     threshold: ThresholdParams = ThresholdParams()
     evaluation: EvaluationParams = EvaluationParams()
+    tracking: TrackingParams = TrackingParams()
+    registry: RegistryParams = RegistryParams()
+    schedule: ScheduleParams = ScheduleParams()
 
     @model_validator(mode="after")
     def _check_patch_geometry(self) -> Params:

@@ -81,3 +81,16 @@ def plots_dir(category: str) -> Path:
 
 def heatmaps_dir(category: str) -> Path:
     return REPORTS_ROOT / "heatmaps" / category
+
+
+def registry_record(category: str) -> Path:
+    """``reports/registry/<category>.json``: registered model name, version, run and aliases."""
+    return REPORTS_ROOT / "registry" / f"{category}.json"
+
+
+def dvc_lock() -> Path:
+    return Path("dvc.lock")
+
+
+def params_file() -> Path:
+    return Path("params.yaml")

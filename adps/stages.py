@@ -265,3 +265,17 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     )
     write_json_atomically(paths.metrics_file(category), metrics)
     return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in reports.HEADLINE}}
+
+
+def register(params: Params, category: str) -> dict[str, Any]:
+    """Stage ``register@C``: MLflow run + pyfunc model registered as ``adps-<C>`` (alias challenger)."""
+    from adps import tracking
+
+    return tracking.register(params, category)
+
+
+def promote(params: Params, category: str, version: str) -> dict[str, Any]:
+    """Move the ``champion`` alias of ``adps-<C>`` to ``version`` (what the MLflow UI does by hand)."""
+    from adps import tracking
+
+    return tracking.promote(params, category, version)

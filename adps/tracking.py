@@ -1,0 +1,307 @@
+"""MLflow tracking and registry: one run per category, the pyfunc model, aliases and promotion.
+
+The registered model ``adps-<category>`` gets a new version per changed model (the same weights
+and thresholds registered again create no duplicate), with alias ``challenger``; ``champion`` is
+moved by the MLflow UI, by :func:`promote`, or automatically (``registry.auto_promote``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adps import paths
+from adps.config import Params, flatten_params
+from adps.errors import AdpsError
+from adps.files import write_json_atomically
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+SERVING_CODE = Path(__file__).with_name("serving.py")
+PIP_REQUIREMENTS = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "pandas==3.1.1",
+    "scipy",
+    "scikit-learn==1.9.1",
+    "pydantic==2.14.4",
+    "pyyaml",
+    "tqdm",
+    "mlflow==3.17.2",
+]
+
+
+class TrackingUnavailable(AdpsError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def model_name(category: str) -> str:
+    return f"adps-{category}"
+
+
+def tracking_uri(params: Params) -> str:
+    """``MLFLOW_TRACKING_URI`` or ``tracking.uri``; relative sqlite paths made absolute (DVC temp dirs)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with what to do, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({err}). Start it (`make up`) or unset "
+            "MLFLOW_TRACKING_URI to use the local sqlite store; local models and reports are untouched."
+        ) from err
+
+
+def connect(params: Params):
+    """Point MLflow at the tracking store and return a client."""
+    import mlflow
+
+    uri = tracking_uri(params)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def file_md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def model_hash(category: str) -> str:
+    """Identity of a deployable model: its weights and thresholds."""
+    parts = [file_md5(paths.psm_checkpoint(category)), file_md5(paths.thresholds_file(category))]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:32]
+
+
+def git_tags() -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
+
+
+def dvc_out_hashes(params: Params, category: str) -> dict[str, str]:
+    """DVC hashes of the dataset and the model as recorded in dvc.lock (empty when not there yet)."""
+    lock = paths.dvc_lock()
+    wanted = {str(paths.dataset_dir(params)): "dvc_data_hash", str(paths.psm_checkpoint(category)): "dvc_model_hash"}
+    tags = {}
+    if lock.is_file():
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for out in stage.get("outs", []):
+                if out.get("path") in wanted:
+                    tags[wanted[out["path"]]] = out.get("md5", "")
+    return tags
+
+
+def history_metrics(category: str) -> list[tuple[str, float, int]]:
+    """(key, value, step) of every per-epoch number of both training phases."""
+    rows = []
+    for phase in ("distill", "psm"):
+        path = paths.train_history(category, phase)
+        if path.is_file():
+            for entry in json.loads(path.read_text()):
+                rows += [(f"{phase}_{k}", float(v), int(entry["epoch"])) for k, v in entry.items() if k != "epoch"]
+    return rows
+
+
+def log_run_contents(run_id: str, params: Params, category: str, metrics: dict[str, Any]) -> None:
+    """Params, final metrics, history with steps, artifacts and tags of one category's run."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient()
+    flat = flatten_params(params)
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    history = [Metric(k, v, 0, step) for k, v, step in history_metrics(category)]
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()] + history)
+    for path in (
+        paths.metrics_file(category),
+        paths.validation_summary(),
+        paths.params_file(),
+        paths.dvc_lock(),
+        paths.train_history(category, "distill"),
+        paths.train_history(category, "psm"),
+    ):
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
+    for folder, name in ((paths.heatmaps_dir(category), "heatmaps"), (paths.plots_dir(category), "plots")):
+        if folder.is_dir():
+            client.log_artifacts(run_id, str(folder), name)
+
+
+def log_pyfunc(category: str):
+    """Log the deployable model (psm.pt + thresholds.json) as a pyfunc with a signature."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "path")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "path"),
+                ColSpec("double", "score"),
+                ColSpec("boolean", "is_anomalous"),
+                ColSpec("double", "threshold"),
+                ColSpec("string", "error"),
+            ]
+        ),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "model_dir"
+        bundle.mkdir()
+        for path in (paths.psm_checkpoint(category), paths.thresholds_file(category)):
+            shutil.copy2(path, bundle / path.name)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"model_dir": str(bundle)},
+            code_paths=[str(Path(__file__).parent)],
+            signature=signature,
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+
+
+def find_version(client, name: str, digest: str):
+    """An existing version of ``name`` holding the model with hash ``digest``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("model_hash") == digest), None)
+
+
+def version_metric(client, name: str, version: str, metric: str) -> float | None:
+    value = client.get_model_version(name, version).tags.get(metric)
+    return None if value in (None, "", "None") else float(value)
+
+
+def current_champion(client, name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException:
+        return None
+
+
+def maybe_promote(client, params: Params, name: str, version: str) -> bool:
+    """Make ``version`` champion when there is none, or when auto-promotion says it wins."""
+    champion = current_champion(client, name)
+    if champion is None:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return True
+    if not params.registry.auto_promote or champion == version:
+        return False
+    metric = params.registry.promote_metric
+    new, old = version_metric(client, name, version, metric), version_metric(client, name, champion, metric)
+    if new is not None and (old is None or new > old + params.registry.min_delta):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        logger.info("%s: version %s (%s=%.4f) replaces champion %s (%s)", name, version, metric, new, champion, old)
+        return True
+    return False
+
+
+def register(params: Params, category: str) -> dict[str, Any]:
+    """Log the category's run and model, register it as ``adps-<category>`` with alias challenger."""
+    import mlflow
+
+    metrics = json.loads(paths.metrics_file(category).read_text())
+    client = connect(params)
+    name, digest = model_name(category), model_hash(category)
+    existing = find_version(client, name, digest)
+    if existing is not None:
+        logger.info("%s: model unchanged, already version %s", name, existing.version)
+        return record_registration(client, category, existing.version, existing.run_id, created=False)
+    mlflow.set_experiment(params.tracking.experiment)
+    tags = {
+        "category": category,
+        "teacher_weights": str(metrics.get("teacher_weights")),
+        "model_hash": digest,
+        **git_tags(),
+        **dvc_out_hashes(params, category),
+    }
+    with mlflow.start_run(run_name=f"{category}", tags=tags) as run:
+        log_run_contents(run.info.run_id, params, category, metrics)
+        info = log_pyfunc(category)
+    version_tags = {
+        **tags,
+        **{
+            k: str(metrics.get(k))
+            for k in ("image_auroc", "pixel_ap", "pixel_auroc", "aupro", "image_ap", "pixel_f1_max")
+        },
+    }
+    version = mlflow.register_model(info.model_uri, name, tags=version_tags).version
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    maybe_promote(client, params, name, version)
+    return record_registration(client, category, version, run.info.run_id, created=True)
+
+
+def record_registration(client, category: str, version: str, run_id: str, created: bool) -> dict[str, Any]:
+    name = model_name(category)
+    aliases = sorted(client.get_model_version(name, version).aliases)
+    record = {
+        "model": name,
+        "version": str(version),
+        "run_id": run_id,
+        "aliases": aliases,
+        "created": created,
+        "uri": f"models:/{name}/{version}",
+    }
+    write_json_atomically(paths.registry_record(category), record)
+    return record
+
+
+def promote(params: Params, category: str, version: str) -> dict[str, Any]:
+    """Move the ``champion`` alias of ``adps-<category>`` to ``version``."""
+    from mlflow.exceptions import MlflowException
+
+    client = connect(params)
+    name = model_name(category)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as err:
+        raise AdpsError(f"{name} has no version {version}: {err.message}") from err
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return {"model": name, "champion": str(version)}
+
+
+def load_registered_predictor(uri: str):
+    """A Predictor from a ``models:/adps-<C>@alias`` (or ``/version``) URI of the registry."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(uri).unwrap_python_model().predictor
+    except MlflowException as err:
+        raise AdpsError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {err.message}") from err
+    except (AdpsError, KeyError, OSError) as err:
+        raise AdpsError(f"{uri} loaded but its model files are unusable ({err}); register it again.") from err

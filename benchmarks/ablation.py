@@ -1,0 +1,115 @@
+"""The paper's ablation on the configured dataset: ADPS vs symmetric KD (k = 1) vs no WMB/PSM.
+
+Usage: ``python -m benchmarks.ablation [--params params.yaml] [--out benchmarks/out/ablation]``
+after ``adps prepare``. Each variant trains in its own folder (the dataset is linked, not copied):
+
+- ``adps``: the params as given (asymmetric, k = model.patches, WMB + PSM);
+- ``symmetric``: the same with model.patches = 1 (plain distillation, then WMB + PSM);
+- ``no_wmb_psm``: the ADPS student alone, anomaly map = mean over levels of 1 - cos(T_i, S_i).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from adps import paths, stages
+from adps.config import params_from_dict
+from adps.data.datasets import TestDataset
+from adps.evaluation.metrics import detection_metrics
+from adps.evaluation.predictions import predict_dataset
+from adps.model.adps import cosine_anomaly_map
+from adps.runtime import setup_torch
+from adps.training.checkpoints import load_model
+
+
+def cosine_maps(model, image):
+    anomaly_map = cosine_anomaly_map(model.distill(image), tuple(image.shape[-2:]))
+    return anomaly_map, model.scorer(anomaly_map)
+
+
+def run_variant(root: Path, name: str, raw: dict[str, Any], data_dir: Path) -> dict[str, dict[str, float]]:
+    """Train and evaluate every category with ``raw`` params in ``root/name``; returns metrics per category."""
+    folder = root / name
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    link = folder / paths.dataset_dir(params_from_dict(raw))
+    if not link.exists():
+        link.symlink_to(data_dir.resolve())
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = params_from_dict(raw)
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        results = {}
+        for category in params.data.categories:
+            stages.distill(params, category)
+            stages.psm(params, category)
+            stages.evaluate(params, category)
+            results[category] = json.loads(paths.metrics_file(category).read_text())
+            if name == "adps":
+                results[f"{category}/no_wmb_psm"] = student_only_metrics(params, category)
+        return results
+    finally:
+        os.chdir(cwd)
+
+
+def student_only_metrics(params, category: str) -> dict[str, float]:
+    """Metrics of the stage-1 student alone (map = 1 - cos), on the test split."""
+    device = setup_torch(params)
+    model, _ = load_model(paths.student_checkpoint(category))
+    model.to(device).set_scoring(**params.score.model_dump())
+    _, _, test = stages.category_splits(params, category)
+    pred = predict_dataset(model, TestDataset(test, params), params.evaluation.batch_size, device, map_fn=cosine_maps)
+    return detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
+
+
+def ablation_table(results: dict[str, dict[str, dict[str, float]]], categories: list[str]) -> str:
+    columns = [
+        ("adps", "adps", "ADPS"),
+        ("symmetric", "symmetric", "symmetric k=1"),
+        ("adps", "no_wmb_psm", "no WMB/PSM"),
+    ]
+    head = " | ".join(f"{title} {m}" for _, _, title in columns for m in ("pixel AP", "image AUROC"))
+    lines = [f"| category | {head} |", "|---" * (1 + 2 * len(columns)) + "|"]
+    means: dict[str, list[float]] = {}
+    for category in [*categories, "mean"]:
+        cells = []
+        for variant, key, title in columns:
+            for metric in ("pixel_ap", "image_auroc"):
+                if category == "mean":
+                    value = float(np.mean(means[f"{title}{metric}"]))
+                else:
+                    row = results[variant][category if key != "no_wmb_psm" else f"{category}/no_wmb_psm"]
+                    value = row[metric]
+                    means.setdefault(f"{title}{metric}", []).append(value)
+                cells.append(f"{value:.3f}")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="benchmarks/out/ablation")
+    args = parser.parse_args()
+    raw = yaml.safe_load(Path(args.params).read_text())
+    params = params_from_dict(raw)
+    data_dir = paths.dataset_dir(params)
+    symmetric = {**raw, "model": {**raw.get("model", {}), "patches": 1}}
+    root = Path(args.out)
+    results = {
+        "adps": run_variant(root, "adps", raw, data_dir),
+        "symmetric": run_variant(root, "symmetric", symmetric, data_dir),
+    }
+    (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(ablation_table(results, list(params.data.categories)))
+
+
+if __name__ == "__main__":
+    main()
