@@ -21,9 +21,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-run: setup  ## run the pipeline on the embedded synthetic dataset
-	$(BIN)/adps prepare
-	$(BIN)/adps validate
+run: setup  ## run the whole pipeline (dvc repro) on the embedded dataset and print the metrics table
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/adps report
 
 test: setup  ## run the test suite
 	$(BIN)/ruff check adps flows tests benchmarks

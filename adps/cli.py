@@ -105,6 +105,29 @@ def promote(
     run_stage(stages.promote, params, category, version)
 
 
+@app.command()
+def report(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Print the per-category metrics table (from reports/metrics) and where to look next."""
+    params_obj = load_params(params)
+    rows = stages.summarize(params_obj)
+    table = Table(title="ADPS test metrics per category")
+    table.add_column("category")
+    columns = list(next(iter(rows.values()), {}))
+    for column in columns:
+        table.add_column(column, justify="right")
+    for category, values in rows.items():
+        table.add_row(category, *[f"{values[c]:.3f}" if values[c] is not None else "-" for c in columns])
+    if len(rows) > 1:
+        means = [sum(r[c] or 0.0 for r in rows.values()) / len(rows) for c in columns]
+        table.add_row("mean", *[f"{m:.3f}" for m in means], style="bold")
+    Console().print(table)
+    typer.echo("Heatmaps: reports/heatmaps/<category>/  Curves: dvc plots show  Metrics: dvc metrics show")
+    typer.echo(
+        "MLflow UI: make up (or: mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000), "
+        "then open http://127.0.0.1:5000"
+    )
+
+
 def load_predictor(model: str, params_path: Path, device: str) -> Predictor:
     """A model folder, or a registry URI ``models:/adps-<category>@champion`` (tracking URI from params)."""
     if not model.startswith("models:/"):

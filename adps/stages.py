@@ -7,6 +7,7 @@ written atomically, so a failing stage leaves earlier outputs intact.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,14 @@ def promote(params: Params, category: str, version: str) -> dict[str, Any]:
     from adps import tracking
 
     return tracking.promote(params, category, version)
+
+
+def summarize(params: Params) -> dict[str, Any]:
+    """Per-category headline metrics from reports/metrics (categories not evaluated yet are skipped)."""
+    rows = {}
+    for category in params.data.categories:
+        path = paths.metrics_file(category)
+        if path.is_file():
+            metrics = json.loads(path.read_text())
+            rows[category] = {k: metrics.get(k) for k in reports.HEADLINE}
+    return rows

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,10 @@ def tiny_params(**sections: dict[str, Any]) -> Params:
 
 
 def write_params(folder: Path, **sections: dict[str, Any]) -> Path:
+    """A complete params.yaml (the project's, with the tiny settings and ``sections`` merged in)."""
+    full = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(merge(TINY, sections)))
+    path.write_text(yaml.safe_dump(merge(merge(full, TINY), sections)))
     return path
 
 
@@ -65,3 +69,17 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dataset_master
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def project_env(root: Path) -> dict[str, str]:
+    """Environment for subprocesses run in a temp project: this venv's tools first, local stores only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        HOME=str(root),
+    )
+    return env

@@ -1,0 +1,92 @@
+"""`dvc repro` for real, in a temp git repo holding a copy of the project with tiny params."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, project_env, write_params
+
+PROJECT_FILES = ("adps", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def make_dvc_project(root: Path, env: dict[str, str], **params) -> Path:
+    """A git repo with the project's code, dvc.yaml and DVC config, and tiny params (one category)."""
+    for name in PROJECT_FILES:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    write_params(root, data={"categories": ["washer"], "image_size": 64}, **params)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny project"], root, env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dvcproj")
+    env = project_env(root)
+    make_dvc_project(root, env)
+    first = run(["dvc", "repro"], root, env)
+    return root, env, first
+
+
+def test_repro_runs_every_stage_and_writes_metrics(dvc_project):
+    root, env, first = dvc_project
+    for stage in ("prepare", "validate", "distill@washer", "psm@washer", "evaluate@washer", "register@washer"):
+        assert f"Running stage '{stage}'" in first
+    metrics = json.loads((root / "reports/metrics/washer.json").read_text())
+    assert 0.0 <= metrics["pixel_ap"] <= 1.0
+    shown = run(["dvc", "metrics", "show", "--json"], root, env)
+    assert "pixel_ap" in shown
+    registry = json.loads((root / "reports/registry/washer.json").read_text())
+    assert registry["model"] == "adps-washer" and "challenger" in registry["aliases"]
+
+
+def test_second_repro_is_a_noop_and_status_is_clean(dvc_project):
+    root, env, _ = dvc_project
+    again = run(["dvc", "repro"], root, env)
+    assert "Running stage" not in again
+    assert "up to date" in run(["dvc", "status"], root, env)
+
+
+def test_push_pull_round_trip(dvc_project, tmp_path):
+    root, env, _ = dvc_project
+    run(["dvc", "remote", "add", "-f", "-d", "scratch", str(tmp_path / "remote")], root, env)
+    run(["dvc", "push"], root, env)
+    original = tmp_path / "psm.pt"
+    shutil.copy(root / "models/washer/psm.pt", original)
+    shutil.rmtree(root / "models")
+    shutil.rmtree(root / ".dvc/cache")
+    run(["dvc", "pull"], root, env)
+    assert filecmp.cmp(root / "models/washer/psm.pt", original, shallow=False)
+    assert "up to date" in run(["dvc", "status"], root, env)
+
+
+def test_psm_param_change_reruns_only_psm_evaluate_register(dvc_project):
+    root, env, _ = dvc_project
+    write_params(
+        root,
+        data={"categories": ["washer"], "image_size": 64},
+        train={"distill": {"epochs": 2, "batch_size": 4}, "psm": {"epochs": 2, "batch_size": 4, "lr": 5e-4}},
+    )
+    out = run(["dvc", "repro"], root, env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"psm@washer", "evaluate@washer", "register@washer"}
+    registry = json.loads((root / "reports/registry/washer.json").read_text())
+    assert registry["version"] == "2" and registry["created"]
