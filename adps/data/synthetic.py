@@ -23,6 +23,7 @@ from adps.config import SyntheticParams
 from adps.data.layout import GOOD, save_binary_mask
 
 Array = np.ndarray
+MIN_DEFECT_AREA = 0.001  # smallest defect, as a fraction of the image area (16 px at 128 x 128)
 
 
 @dataclass(frozen=True)
@@ -261,10 +262,10 @@ def generate_image(
     image, region = RENDERERS[category](rng, cfg.image_size, pose)
     mask = np.zeros(region.shape, bool)
     if defect is not None:
-        mask = np.zeros_like(mask)
-        while not mask.any():
-            image_d, mask = DEFECTS[defect](image, region, rng)
-        image = image_d
+        min_pixels = max(8, round(MIN_DEFECT_AREA * cfg.image_size**2))
+        while mask.sum() < min_pixels:  # a defect clipped away by the part's outline is drawn again
+            painted, mask = DEFECTS[defect](image, region, rng)
+        image = painted
     return finish(image, pose, rng, cfg.noise_std), mask
 
 
