@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -53,3 +56,20 @@ def setup_torch(params: Params):
     if params.runtime.threads:
         torch.set_num_threads(params.runtime.threads)
     return resolve_device(params)
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (model construction) under ``seed`` without touching the global RNG of other threads.
+
+    Categories may train in parallel threads (Prefect's thread runner); this keeps each model's random
+    initialisation identical to a ``dvc repro`` run with the same params.
+    """
+    import torch
+
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -22,7 +22,7 @@ from adps.evaluation import reports
 from adps.evaluation.predictions import predict_dataset
 from adps.files import replace_dir_atomically, write_json_atomically, write_text_atomically
 from adps.model.backbones import load_teacher_weights
-from adps.runtime import progress_enabled, setup_torch
+from adps.runtime import progress_enabled, seeded, setup_torch
 from adps.training.checkpoints import (
     CheckpointError,
     build_model,
@@ -170,7 +170,8 @@ def distill(params: Params, category: str) -> dict[str, Any]:
     device = setup_torch(params)
     train, _, _ = category_splits(params, category)
     spec = model_spec(params)
-    model = build_model(spec)
+    with seeded(params.runtime.seed):
+        model = build_model(spec)
     teacher_weights = load_teacher_weights(model.teacher.net, params.model.backbone, params.model.teacher_weights)
     model.to(device)
     final = paths.student_checkpoint(category)
@@ -203,7 +204,8 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
             f"{paths.student_checkpoint(category)} was trained with model params {student['spec']['model']} "
             f"but params say {spec['model']}: rerun `adps distill --category {category}` first."
         )
-    model = build_model(spec)
+    with seeded(params.runtime.seed + 1):
+        model = build_model(spec)
     kept = {k: v for k, v in student["state"].items() if k.startswith(("teacher.", "student."))}
     model.load_state_dict(kept, strict=False)
     return model, student

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,29 @@ def project_env(root: Path) -> dict[str, str]:
         HOME=str(root),
     )
     return env
+
+
+PROJECT_FILES = ("adps", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Run a command, fail the test with its output when it fails; returns stdout + stderr."""
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def make_dvc_project(root: Path, env: dict[str, str], **params: dict[str, Any]) -> Path:
+    """A git repo with the project's code, dvc.yaml and DVC config, and tiny params (one category)."""
+    for name in PROJECT_FILES:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    write_params(root, data={"categories": ["washer"], "image_size": 64}, **params)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny project"], root, env)
+    return root

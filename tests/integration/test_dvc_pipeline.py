@@ -5,36 +5,10 @@ from __future__ import annotations
 import filecmp
 import json
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, project_env, write_params
-
-PROJECT_FILES = ("adps", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
-
-
-def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout + out.stderr
-
-
-def make_dvc_project(root: Path, env: dict[str, str], **params) -> Path:
-    """A git repo with the project's code, dvc.yaml and DVC config, and tiny params (one category)."""
-    for name in PROJECT_FILES:
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
-    write_params(root, data={"categories": ["washer"], "image_size": 64}, **params)
-    run(["git", "init", "-q"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "tiny project"], root, env)
-    return root
+from tests.conftest import make_dvc_project, project_env, run, write_params
 
 
 @pytest.fixture(scope="module")

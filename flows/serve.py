@@ -1,0 +1,36 @@
+"""Serve the deployments: ``adps-pipeline/nightly`` on ``schedule.cron``.
+
+Run by ``make up`` (with ``PREFECT_API_URL`` pointing at the local Prefect server); then
+``prefect deployment run 'adps-pipeline/nightly'`` triggers a run right away.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import serve
+
+from adps.config import DEFAULT_PARAMS_PATH, load_params
+from flows.pipeline import adps_pipeline
+
+
+def deployments(params_path: str):
+    params = load_params(params_path)
+    return [
+        adps_pipeline.to_deployment(
+            name="nightly",
+            cron=params.schedule.cron,
+            parameters={"params_path": params_path},
+            description="Nightly ADPS pipeline: validate, train, evaluate and register every category",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS_PATH))
+    serve(*deployments(parser.parse_args().params))
+
+
+if __name__ == "__main__":
+    main()

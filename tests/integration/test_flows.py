@@ -1,0 +1,64 @@
+"""The Prefect flow for real (prefect_test_harness): registration, DVC bookkeeping, failure handling."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from prefect.artifacts import Artifact
+from prefect.testing.utilities import prefect_test_harness
+
+from adps.errors import AdpsError, ValidationFailed
+from flows.pipeline import adps_pipeline, dvc_targets
+from tests.conftest import make_dvc_project, project_env, run, write_params
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory, harness):
+    """A tiny DVC project in which the flow ran once, successfully."""
+    root = tmp_path_factory.mktemp("flowproj")
+    env = project_env(root)
+    make_dvc_project(root, env)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("PATH", env["PATH"])
+        rows = adps_pipeline(params_path="params.yaml")
+    return root, env, rows
+
+
+def test_flow_registers_challenger_and_leaves_dvc_status_clean(flow_project):
+    root, env, rows = flow_project
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["category"] == "washer"
+    registry = json.loads((root / "reports/registry/washer.json").read_text())
+    assert registry["model"] == "adps-washer" and "challenger" in registry["aliases"]
+    assert "up to date" in run(["dvc", "status"], root, env)
+    table = Artifact.get("adps-metrics")
+    assert table is not None and "washer" in str(table.data)
+
+
+def test_failed_validation_stops_before_training_and_keeps_champion(flow_project, monkeypatch):
+    root, _, _ = flow_project
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = {p: os.stat(root / p).st_mtime_ns for p in ("models/washer/psm.pt", "models/washer/student.pt")}
+    registry_before = (root / "reports/registry/washer.json").read_text()
+    write_params(root, data={"categories": ["washer"], "image_size": 64}, validation={"min_train": 1000})
+    with pytest.raises(ValidationFailed):
+        adps_pipeline(params_path="params.yaml")
+    assert {p: os.stat(root / p).st_mtime_ns for p in before} == before
+    assert (root / "reports/registry/washer.json").read_text() == registry_before
+    artifact = Artifact.get("validation-failures")
+    assert artifact is not None and "fewer than 1000 training images" in str(artifact.data)
+
+
+def test_dvc_targets_skip_failed_categories():
+    assert dvc_targets(["a"]) == ["prepare", "validate", "distill@a", "psm@a", "evaluate@a", "register@a"]
+    assert issubclass(ValidationFailed, AdpsError)
