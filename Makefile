@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 include adps/telemetry.env
 export $(shell sed -n 's/^\([A-Z_]*\)=.*/\1/p' adps/telemetry.env)
 
-.PHONY: setup run test lint clean help
+.PHONY: setup run test lint clean help up down
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,6 +28,12 @@ run: setup  ## run the whole pipeline (dvc repro) on the embedded dataset and pr
 test: setup  ## run the test suite
 	$(BIN)/ruff check adps flows tests benchmarks
 	$(BIN)/pytest
+
+up: setup  ## start Prefect server, MLflow UI and the nightly deployment (logs in .run/)
+	BIN=$(BIN) scripts/services.sh up
+
+down:  ## stop what `make up` started
+	BIN=$(BIN) scripts/services.sh down
 
 lint: setup  ## ruff check + format check
 	$(BIN)/ruff check adps flows tests benchmarks

@@ -1,0 +1,57 @@
+"""End to end, as a user: `make up`'s services script, then `prefect deployment run 'adps-pipeline/nightly'`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_dvc_project, project_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_up_then_nightly_deployment_run_completes_and_registers(tmp_path: Path):
+    root = tmp_path / "project"
+    root.mkdir()
+    env = project_env(root)
+    prefect_port, mlflow_port = free_port(), free_port()
+    env.update(
+        PREFECT_HOME=str(root / ".prefect"),
+        PREFECT_PORT=str(prefect_port),
+        MLFLOW_PORT=str(mlflow_port),
+        BIN=str(Path(env["PATH"].split(":")[0])),
+    )
+    make_dvc_project(root, env)
+    try:
+        run(["bash", "scripts/services.sh", "up"], root, env)
+        out = subprocess.run(
+            ["prefect", "deployment", "run", "adps-pipeline/nightly", "--watch"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "Completed" in out.stdout + out.stderr
+        url = f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/registered-models/get?name=adps-washer"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            model = json.load(response)["registered_model"]
+        aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
+        assert aliases.get("challenger") == "1" and aliases.get("champion") == "1"
+        assert "up to date" in run(["dvc", "status"], root, env)
+    finally:
+        subprocess.run(["bash", "scripts/services.sh", "down"], cwd=root, env=env, capture_output=True, timeout=120)
+        for log in sorted((root / ".run").glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}")
