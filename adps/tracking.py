@@ -208,7 +208,7 @@ def current_champion(client, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         return None
 
@@ -259,7 +259,7 @@ def register(params: Params, category: str) -> dict[str, Any]:
             for k in ("image_auroc", "pixel_ap", "pixel_auroc", "aupro", "image_ap", "pixel_f1_max")
         },
     }
-    version = mlflow.register_model(info.model_uri, name, tags=version_tags).version
+    version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
     client.set_registered_model_alias(name, CHALLENGER, version)
     maybe_promote(client, params, name, version)
     return record_registration(client, category, version, run.info.run_id, created=True)

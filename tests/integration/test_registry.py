@@ -1,0 +1,115 @@
+"""MLflow tracking and registry for real (sqlite store in a temp dir), on one trained tiny category."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from adps import paths, stages, tracking
+from adps.inference import Predictor
+from tests.conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory, tiny_dataset_master):
+    root = tmp_path_factory.mktemp("registry")
+    shutil.copytree(tiny_dataset_master, root / "data" / "synthetic")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for stage in (stages.distill, stages.psm, stages.evaluate):
+            stage(tiny_params(), "washer")
+    return root
+
+
+@pytest.fixture
+def store(trained_project, tmp_path, monkeypatch):
+    """A fresh MLflow sqlite store per test, the trained project as cwd."""
+    monkeypatch.chdir(trained_project)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(uri)
+
+
+def test_register_logs_run_and_registers_challenger_and_first_champion(store):
+    record = stages.register(tiny_params(), "washer")
+    assert record["model"] == "adps-washer" and record["version"] == "1"
+    assert set(record["aliases"]) == {"challenger", "champion"}
+    run = store.get_run(record["run_id"])
+    assert run.data.params["model.patches"] == "4" and "pixel_ap" in run.data.metrics
+    assert run.data.tags["teacher_weights"].startswith("none") and run.data.tags["git_commit"]
+    history = store.get_metric_history(record["run_id"], "distill_loss_distill")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in store.list_artifacts(record["run_id"])}
+    assert {"heatmaps", "plots", "washer.json", "distill.json", "psm.json", "model"} <= artifacts
+    assert json.loads(paths.registry_record("washer").read_text())["version"] == "1"
+
+
+def test_registering_the_same_model_again_creates_no_version(store):
+    first = stages.register(tiny_params(), "washer")
+    again = stages.register(tiny_params(), "washer")
+    assert again["version"] == first["version"] and again["created"] is False
+    assert len(store.search_model_versions("name='adps-washer'")) == 1
+
+
+def test_pyfunc_loaded_by_alias_predicts_the_checkpoint_scores(store):
+    stages.register(tiny_params(), "washer")
+    predictor = tracking.load_registered_predictor("models:/adps-washer@champion")
+    images = sorted(paths.category_dir(tiny_params(), "washer").glob("test/*/000.png"))
+    registered = [r.score for r in predictor.predict_paths(images)]
+    local = [r.score for r in Predictor.from_dir(paths.model_dir("washer")).predict_paths(images)]
+    np.testing.assert_allclose(registered, local, rtol=1e-6)
+    import mlflow.pyfunc
+    import pandas as pd
+
+    frame = mlflow.pyfunc.load_model("models:/adps-washer@challenger").predict(
+        pd.DataFrame({"path": [str(p) for p in images]})
+    )
+    np.testing.assert_allclose(frame["score"], local, rtol=1e-6)
+
+
+def change_model(metric_value: float) -> None:
+    """A 'retrained' model: other thresholds (new hash) and a given pixel AP."""
+    thresholds = json.loads(paths.thresholds_file("washer").read_text())
+    thresholds["image"] += 0.001
+    paths.thresholds_file("washer").write_text(json.dumps(thresholds))
+    metrics = json.loads(paths.metrics_file("washer").read_text())
+    metrics["pixel_ap"] = metric_value
+    paths.metrics_file("washer").write_text(json.dumps(metrics))
+
+
+def test_auto_promotion_and_manual_promote(store):
+    saved = {p: p.read_bytes() for p in (paths.thresholds_file("washer"), paths.metrics_file("washer"))}
+    try:
+        params = tiny_params(registry={"auto_promote": True, "promote_metric": "pixel_ap", "min_delta": 0.01})
+        change_model(0.10)
+        assert stages.register(params, "washer")["version"] == "1"
+        change_model(0.105)  # better, but not by min_delta: stays challenger
+        second = stages.register(params, "washer")
+        assert second["aliases"] == ["challenger"]
+        change_model(0.5)
+        third = stages.register(params, "washer")
+        assert set(third["aliases"]) == {"challenger", "champion"}
+        stages.promote(params, "washer", "1")
+        assert str(store.get_model_version_by_alias("adps-washer", "champion").version) == "1"
+        with pytest.raises(Exception, match="has no version 9"):
+            stages.promote(params, "washer", "9")
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+
+
+def test_unreachable_server_is_a_clear_error_and_keeps_local_outputs(trained_project, monkeypatch):
+    monkeypatch.chdir(trained_project)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    before = {p: p.read_bytes() for p in (paths.psm_checkpoint("washer"), paths.metrics_file("washer"))}
+    with pytest.raises(tracking.TrackingUnavailable, match=r"unreachable.*make up"):
+        stages.register(tiny_params(), "washer")
+    assert {p: p.read_bytes() for p in before} == before
