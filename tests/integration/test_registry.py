@@ -45,7 +45,7 @@ def test_register_logs_run_and_registers_challenger_and_first_champion(store):
     history = store.get_metric_history(record["run_id"], "distill_loss_distill")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in store.list_artifacts(record["run_id"])}
-    assert {"heatmaps", "plots", "washer.json", "distill.json", "psm.json", "model"} <= artifacts
+    assert {"heatmaps", "plots", "washer.json", "distill.json", "psm.json"} <= artifacts
     assert json.loads(paths.registry_record("washer").read_text())["version"] == "1"
 
 
