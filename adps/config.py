@@ -112,6 +112,7 @@ class ModelParams(Section):
     teacher_weights: str = "auto"
     patches: int = Field(4, ge=1, le=16)
     split_after: tuple[Literal[0, 1, 2], ...] = (0,)
+    teacher_bn_calibration: bool = True
     psm_head_channels: tuple[int, int] = (32, 16)
 
     @model_validator(mode="after")

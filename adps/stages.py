@@ -15,13 +15,20 @@ from typing import Any
 from adps import paths
 from adps.config import Params
 from adps.data import layout, synthetic
-from adps.data.datasets import TestDataset, TrainDataset, ValidationDataset, split_train_val
+from adps.data.datasets import (
+    Normalizer,
+    TestDataset,
+    TrainDataset,
+    ValidationDataset,
+    load_rgb,
+    split_train_val,
+)
 from adps.data.validation import validate_dataset
 from adps.errors import AdpsError, ValidationFailed
 from adps.evaluation import reports
 from adps.evaluation.predictions import predict_dataset
 from adps.files import replace_dir_atomically, write_json_atomically, write_text_atomically
-from adps.model.backbones import load_teacher_weights
+from adps.model.backbones import calibrate_batchnorm, load_teacher_weights
 from adps.runtime import progress_enabled, seeded, setup_torch
 from adps.training.checkpoints import (
     CheckpointError,
@@ -173,6 +180,9 @@ def distill(params: Params, category: str) -> dict[str, Any]:
     with seeded(params.runtime.seed):
         model = build_model(spec)
     teacher_weights = load_teacher_weights(model.teacher.net, params.model.backbone, params.model.teacher_weights)
+    if teacher_weights.startswith("none") and params.model.teacher_bn_calibration:
+        teacher_weights += "; BatchNorm statistics from the normal training images"
+        calibrate_batchnorm(model.teacher.net, normal_batches(train, params))
     model.to(device)
     final = paths.student_checkpoint(category)
     stamp = phase_fingerprint(params, category, "distill", train)
@@ -194,6 +204,16 @@ def distill(params: Params, category: str) -> dict[str, Any]:
         "final_loss": history[-1]["loss_distill"],
         "teacher_weights": teacher_weights,
     }
+
+
+def normal_batches(samples: list, params: Params) -> list:
+    """The normal training images as normalised batches (no synthetic anomalies)."""
+    import torch
+
+    normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+    images = [normalize(load_rgb(s.image_path, params.data.image_size)) for s in samples]
+    size = params.train.distill.batch_size
+    return [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]
 
 
 def load_trained_student(params: Params, category: str, spec: dict[str, Any]):

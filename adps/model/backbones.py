@@ -101,6 +101,27 @@ def load_teacher_weights(teacher: nn.ModuleDict, backbone: str, choice: str) -> 
     return f"file {path} (sha256 {digest})"
 
 
+@torch.no_grad()
+def calibrate_batchnorm(net: nn.ModuleDict, batches: list[torch.Tensor]) -> None:
+    """Set the BatchNorm statistics of a random-init network from normal images (no weight changes).
+
+    A random-init ResNet in eval mode has running mean 0 and variance 1, so its BatchNorm layers do
+    not normalise and a few channels dominate the cosine similarity; data statistics fix that.
+    """
+    layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over all batches
+    net.train()
+    for batch in batches:
+        x = net["stem"](batch)
+        for stage in STAGES:
+            x = net[stage](x)
+    for layer in layers:
+        layer.momentum = 0.1
+    net.eval()
+
+
 def split_into_patches(x: torch.Tensor, k: int) -> torch.Tensor:
     """(B, C, H, W) -> (B*k*k, C, H/k, W/k); patch (i, j) of image b sits at index b*k*k + i*k + j."""
     b, c, h, w = x.shape

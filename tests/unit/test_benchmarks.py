@@ -1,0 +1,19 @@
+"""The benchmark scripts keep working (tiny sizes; their numbers are reported in the README, not asserted)."""
+
+from benchmarks.ablation import ablation_table
+from benchmarks.cost import aupro_seconds, measure
+from tests.conftest import REPO_ROOT
+
+
+def test_cost_benchmark_measures_every_step():
+    timings = measure(str(REPO_ROOT / "params.yaml"), batch_size=2, size=64, repeats=1)
+    assert set(timings) == {"plain_train_s", "distill_train_s", "psm_train_s", "plain_infer_s", "adps_infer_s"}
+    assert all(v > 0 for v in timings.values())
+    assert aupro_seconds(n_maps=4, size=32) > 0
+
+
+def test_ablation_table_has_a_mean_row():
+    row = {"pixel_ap": 0.5, "image_auroc": 0.9}
+    results = {"adps": {"a": row, "a/no_wmb_psm": row}, "symmetric": {"a": row}}
+    table = ablation_table(results, ["a"])
+    assert "| a | 0.500 | 0.900 |" in table and "| mean |" in table
