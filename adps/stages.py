@@ -26,7 +26,7 @@ from adps.data.datasets import (
 from adps.data.validation import validate_dataset
 from adps.errors import AdpsError, ValidationFailed
 from adps.evaluation import reports
-from adps.evaluation.predictions import predict_dataset
+from adps.evaluation.predictions import Predictions, predict_dataset
 from adps.files import replace_dir_atomically, write_json_atomically, write_text_atomically
 from adps.model.backbones import calibrate_batchnorm, load_teacher_weights
 from adps.runtime import progress_enabled, seeded, setup_torch
@@ -39,7 +39,7 @@ from adps.training.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
-from adps.training.loop import Phase, fit
+from adps.training.loop import EpochHook, Phase, fit
 from adps.training.phases import distill_step, psm_param_groups, psm_step
 
 logger = logging.getLogger(__name__)
@@ -231,8 +231,11 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
     return model, student
 
 
-def psm(params: Params, category: str) -> dict[str, Any]:
-    """Stage ``psm@C``: train the Post-Segmentation Module through the WMB; writes models/C/psm.pt."""
+def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+    """Stage ``psm@C``: train the Post-Segmentation Module through the WMB; writes models/C/psm.pt.
+
+    ``on_epoch_end(epoch, model)`` runs after each epoch (the tuner reports validation values there).
+    """
     device = setup_torch(params)
     train, _, _ = category_splits(params, category)
     spec = model_spec(params)
@@ -250,7 +253,8 @@ def psm(params: Params, category: str) -> dict[str, Any]:
         stamp,
         params.runtime.seed + 1,
     )
-    history = fit(phase, model, TrainDataset(train, params, params.runtime.seed + 1), progress_enabled(params))
+    dataset = TrainDataset(train, params, params.runtime.seed + 1)
+    history = fit(phase, model, dataset, progress_enabled(params), on_epoch_end)
     finish_phase(
         final, model, spec, history, category, "psm", teacher_weights=student["teacher_weights"], fingerprint=stamp
     )
@@ -260,6 +264,12 @@ def psm(params: Params, category: str) -> dict[str, Any]:
         "final_loss": history[-1]["loss_seg"],
         "teacher_weights": student["teacher_weights"],
     }
+
+
+def validation_predictions(params: Params, model, val: list, device) -> Predictions:
+    """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed)."""
+    dataset = ValidationDataset(val, params, params.runtime.seed + 2)
+    return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress_enabled(params))
 
 
 def evaluate(params: Params, category: str) -> dict[str, Any]:
@@ -272,7 +282,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     model, checkpoint = load_model(paths.psm_checkpoint(category))
     model.to(device).set_scoring(**params.score.model_dump())
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
-    val_pred = predict_dataset(model, ValidationDataset(val, params, params.runtime.seed + 2), batch, device, progress)
+    val_pred = validation_predictions(params, model, val, device)
     test_pred = predict_dataset(model, TestDataset(test, params), batch, device, progress)
     thresholds = reports.calibrate(val_pred, params.threshold, params.score.model_dump(mode="json"))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)

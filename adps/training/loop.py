@@ -74,8 +74,17 @@ def run_epoch(
     return {key: value / max(1, len(loader)) for key, value in sums.items()}
 
 
-def fit(phase: Phase, model: AdpsModel, dataset: Any, progress: bool = False) -> list[dict[str, float]]:
-    """Train for ``phase.cfg.epochs``, saving a resumable state after every epoch; returns the history."""
+EpochHook = Callable[[int, AdpsModel], None]
+
+
+def fit(
+    phase: Phase, model: AdpsModel, dataset: Any, progress: bool = False, on_epoch_end: EpochHook | None = None
+) -> list[dict[str, float]]:
+    """Train for ``phase.cfg.epochs``, saving a resumable state after every epoch; returns the history.
+
+    ``on_epoch_end(epoch, model)`` runs after each epoch (e.g. validation for a tuning pruner); it may
+    raise to stop training.
+    """
     optimizer, scheduler = make_optimizer(phase)
     start, history = restore(phase, model, optimizer, scheduler)
     for epoch in range(start, phase.cfg.epochs):
@@ -110,4 +119,6 @@ def fit(phase: Phase, model: AdpsModel, dataset: Any, progress: bool = False) ->
             scheduler=scheduler.state_dict(),
             fingerprint=phase.fingerprint,
         )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, model)
     return history
