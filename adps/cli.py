@@ -106,6 +106,26 @@ def promote(
 
 
 @app.command()
+def tune(
+    category: CategoryOption,
+    trials: Annotated[int | None, typer.Option("--trials", "-n", help="Trials to add (default tune.n_trials).")] = None,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes sharing the study.")] = 1,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Write the best params into the params file and stop.")
+    ] = False,
+    params: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Tune loss, learning-rate, score and threshold params with Optuna on the validation split."""
+    if apply:
+        from adps.tuning import apply_best_params
+
+        run_stage(lambda _params: apply_best_params(params, category), params)
+        return
+    result = run_stage(stages.tune, params, category, trials, workers)
+    typer.echo(f"\nApply with:  adps tune --category {category} --apply   or:  {result['dvc_exp_run']}")
+
+
+@app.command()
 def report(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Print the per-category metrics table (from reports/metrics) and where to look next."""
     params_obj = load_params(params)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -183,6 +183,69 @@ class ScheduleParams(Section):
     cron: str = "0 2 * * *"
 
 
+class FloatDistribution(Section):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+
+class IntDistribution(Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+
+
+class CategoricalDistribution(Section):
+    type: Literal["categorical"]
+    choices: tuple[str | int | float | bool | None, ...] = Field(min_length=1)
+
+
+Distribution = Annotated[FloatDistribution | IntDistribution | CategoricalDistribution, Field(discriminator="type")]
+
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "loss.push_weight": {"type": "float", "low": 0.1, "high": 3.0, "log": True},
+    "loss.push_floor": {"type": "float", "low": -0.5, "high": 0.5},
+    "loss.focal_gamma": {"type": "float", "low": 0.0, "high": 4.0},
+    "loss.focal_alpha": {"type": "float", "low": 0.1, "high": 0.9},
+    "loss.seg_weight": {"type": "float", "low": 0.1, "high": 3.0, "log": True},
+    "train.distill.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True},
+    "train.psm.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True},
+    "score.method": {"type": "categorical", "choices": ["max", "topk"]},
+    "score.sigma": {"type": "float", "low": 0.0, "high": 8.0},
+    "score.topk": {"type": "int", "low": 10, "high": 1000, "log": True},
+    "threshold.strategy": {"type": "categorical", "choices": ["f1", "percentile"]},
+    "threshold.percentile": {"type": "float", "low": 90.0, "high": 99.9},
+}
+
+
+class TuneBudgetParams(Section):
+    distill_epochs: int = Field(8, ge=1)
+    psm_epochs: int = Field(8, ge=1)
+
+
+class TuneParams(Section):
+    n_trials: int = Field(10, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    sampler: Literal["tpe", "random"] = "tpe"
+    sampler_seed: int = 0
+    pruner: Literal["median", "none"] = "median"
+    pruner_warmup_epochs: int = Field(2, ge=0)
+    storage: str = "sqlite:///optuna.db"
+    study_name: str = "adps"
+    objective: Literal["decision_f1", "pixel_ap", "image_auroc", "aupro"] = "decision_f1"
+    budget: TuneBudgetParams = TuneBudgetParams()
+    space: dict[str, Distribution] = Field(default_factory=lambda: dict(DEFAULT_SPACE), validate_default=True)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> TuneParams:
+        for key, dist in self.space.items():
+            if not isinstance(dist, CategoricalDistribution) and not dist.low < dist.high:
+                raise ValueError(f"tune.space.{key}: low must be below high (got {dist.low} and {dist.high})")
+        return self
+
+
 class Params(Section):
     """All pipeline parameters; one instance per params file."""
 
@@ -200,6 +263,17 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
+    tune: TuneParams = TuneParams()
+
+    @model_validator(mode="after")
+    def _check_tune_space(self) -> Params:
+        tunable = set(flatten_params(self, include_tune=False))
+        unknown = sorted(set(self.tune.space) - tunable)
+        if unknown:
+            close = {k: difflib.get_close_matches(k, tunable, n=1) for k in unknown}
+            hints = ", ".join(f"'{k}'" + (f" (did you mean '{c[0]}'?)" if c else "") for k, c in close.items())
+            raise ValueError(f"tune.space names parameters that do not exist: {hints}")
+        return self
 
     @model_validator(mode="after")
     def _check_patch_geometry(self) -> Params:
@@ -267,6 +341,8 @@ def describe_error(error: dict[str, Any]) -> str:
         hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
         return f"unknown key '{key}'{hint}; allowed here: {', '.join(allowed)}"
     message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("input"), dict):  # a whole-section check: the message names the keys
+        return message if key == "<root>" else f"{key}: {message}"
     return f"{key}: {message} (got {error.get('input')!r})"
 
 
@@ -281,8 +357,8 @@ def allowed_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def flatten_params(params: Params) -> dict[str, Any]:
-    """Params as ``{"section.key": value}``, for logging and experiment tracking."""
+def flatten_params(params: Params, include_tune: bool = True) -> dict[str, Any]:
+    """Params as ``{"section.key": value}``, for logging, tracking and tuning."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -292,5 +368,20 @@ def flatten_params(params: Params) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    walk("", params.model_dump(mode="json"))
+    dumped = params.model_dump(mode="json")
+    if not include_tune:
+        dumped.pop("tune")
+    walk("", dumped)
     return flat
+
+
+def override_params(params: Params, values: dict[str, Any]) -> Params:
+    """A validated copy of ``params`` with ``{"section.key": value}`` overrides applied."""
+    raw = params.model_dump(mode="json")
+    for key, value in values.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return params_from_dict(raw, source="overrides")

@@ -94,3 +94,12 @@ def dvc_lock() -> Path:
 
 def params_file() -> Path:
     return Path("params.yaml")
+
+
+def tuning_dir(category: str) -> Path:
+    """``reports/tuning/<category>``: best_params.yaml and trials.csv of the category's study."""
+    return REPORTS_ROOT / "tuning" / category
+
+
+def best_params_file(category: str) -> Path:
+    return tuning_dir(category) / "best_params.yaml"

@@ -323,3 +323,10 @@ def summarize(params: Params) -> dict[str, Any]:
             metrics = json.loads(path.read_text())
             rows[category] = {k: metrics.get(k) for k in reports.HEADLINE}
     return rows
+
+
+def tune(params: Params, category: str, n_trials: int | None = None, workers: int = 1) -> dict[str, Any]:
+    """Optuna study of the category on the validation split; writes reports/tuning/C/best_params.yaml."""
+    from adps import tuning
+
+    return tuning.tune(params, category, n_trials, workers)

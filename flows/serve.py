@@ -1,4 +1,4 @@
-"""Serve the deployments: ``adps-pipeline/nightly`` on ``schedule.cron``.
+"""Serve the deployments: ``adps-pipeline/nightly`` on ``schedule.cron``, ``adps-tune/manual`` on demand.
 
 Run by ``make up`` (with ``PREFECT_API_URL`` pointing at the local Prefect server); then
 ``prefect deployment run 'adps-pipeline/nightly'`` triggers a run right away.
@@ -12,6 +12,7 @@ from prefect import serve
 
 from adps.config import DEFAULT_PARAMS_PATH, load_params
 from flows.pipeline import adps_pipeline
+from flows.tune import adps_tune
 
 
 def deployments(params_path: str):
@@ -22,6 +23,11 @@ def deployments(params_path: str):
             cron=params.schedule.cron,
             parameters={"params_path": params_path},
             description="Nightly ADPS pipeline: validate, train, evaluate and register every category",
+        ),
+        adps_tune.to_deployment(
+            name="manual",
+            parameters={"params_path": params_path},
+            description="Optuna study of one category; run with -p category=<name> [-p trials=N]",
         ),
     ]
 

@@ -1,0 +1,370 @@
+"""Optuna tuning of the loss, learning-rate, score and threshold parameters of one category.
+
+Each trial trains with a reduced budget (``tune.budget``) in its own temp folder and is scored on
+the validation split only (held-out normal images + synthetic anomalies with their own seed); the
+test split is never read. Intermediate values after every PSM epoch feed the pruner; failed trials
+are recorded as failed. Workers are processes sharing one study through ``tune.storage``; running
+again with the same study name continues it. MLflow gets a parent run per study and a nested run
+per trial; the parent holds the best params, parameter importances and the optimisation history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+
+from adps import paths, stages
+from adps.config import CategoricalDistribution, FloatDistribution, Params, override_params, params_from_dict
+from adps.errors import AdpsError
+from adps.evaluation.metrics import decision_metrics, detection_metrics
+from adps.evaluation.predictions import Predictions
+from adps.evaluation.thresholds import choose_thresholds
+from adps.files import write_text_atomically
+
+logger = logging.getLogger(__name__)
+
+
+def study_name(params: Params, category: str) -> str:
+    return f"{params.tune.study_name}-{category}"
+
+
+def storage_url(params: Params) -> str:
+    """``tune.storage`` with a relative sqlite path made absolute (workers and temp dirs share it)."""
+    url, prefix = params.tune.storage, "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
+        url = prefix + str(Path(url[len(prefix) :]).resolve())
+    return url
+
+
+def load_study(params: Params, category: str) -> optuna.Study:
+    """Create the category's study, or load it when it exists (a rerun continues it)."""
+    cfg = params.tune
+    sampler = (
+        optuna.samplers.TPESampler(seed=cfg.sampler_seed)
+        if cfg.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=cfg.sampler_seed)
+    )
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.pruner_warmup_epochs)
+        if cfg.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
+    return optuna.create_study(
+        storage=storage_url(params),
+        study_name=study_name(params, category),
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+
+
+def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
+    """One value per ``tune.space`` entry."""
+    values = {}
+    for key, dist in params.tune.space.items():
+        if isinstance(dist, CategoricalDistribution):
+            values[key] = trial.suggest_categorical(key, list(dist.choices))
+        elif isinstance(dist, FloatDistribution):
+            values[key] = trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+        else:
+            values[key] = trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+    return values
+
+
+def trial_params(params: Params, values: dict[str, Any]) -> Params:
+    """The params of one trial: sampled values and the reduced training budget."""
+    budget = params.tune.budget
+    return override_params(
+        params,
+        {
+            **values,
+            "train.distill.epochs": budget.distill_epochs,
+            "train.psm.epochs": budget.psm_epochs,
+            "runtime.progress": False,
+        },
+    )
+
+
+def decision_f1(pred: Predictions, params: Params) -> float:
+    """Mean of image and pixel F1 on half of the validation images, thresholds chosen on the other half.
+
+    The validation set holds each held-out image twice (normal, then with a synthetic anomaly); both
+    copies of an image fall in the same half.
+    """
+    n = len(pred.labels) // 2
+    image_index = np.arange(len(pred.labels)) % max(1, n)
+    calib, held = image_index % 2 == 0, image_index % 2 == 1
+    if not held.any():
+        held = calib
+    t = choose_thresholds(pred.scores[calib], pred.labels[calib], pred.maps[calib], pred.masks[calib], params.threshold)
+    image = decision_metrics(pred.labels[held].astype(bool), pred.scores[held] >= t["image"])["f1"]
+    pixel = decision_metrics(pred.masks[held].ravel(), pred.maps[held].ravel() >= t["pixel"])["f1"]
+    return (image + pixel) / 2
+
+
+def validation_value(model, params: Params, category: str) -> float:
+    """The tuning objective of a model, on the validation split."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval().set_scoring(**params.score.model_dump())
+    _, val, _ = stages.category_splits(params, category)
+    with torch.no_grad():
+        pred = stages.validation_predictions(params, model, val, device)
+    if not np.isfinite(pred.maps).all():  # diverged training: NaN lets the pruner stop the trial
+        return float("nan")
+    if params.tune.objective == "decision_f1":
+        return decision_f1(pred, params)
+    metrics = detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
+    value = metrics[params.tune.objective]
+    return 0.0 if value is None or math.isnan(value) else float(value)
+
+
+@contextlib.contextmanager
+def trial_folder(project_root: Path) -> Iterator[Path]:
+    """A temp working folder that sees the project's data (linked) and keeps models apart."""
+    previous = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="adps-trial-") as tmp:
+        (Path(tmp) / paths.DATA_ROOT).symlink_to(project_root / paths.DATA_ROOT)
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(previous)
+
+
+class Objective:
+    """Train one category with the trial's params, report validation values per epoch, return the last."""
+
+    def __init__(self, params: Params, category: str, project_root: Path, parent_run_id: str):
+        self.params, self.category = params, category
+        self.project_root, self.parent_run_id = project_root, parent_run_id
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        import mlflow
+
+        values = suggest(trial, self.params)
+        params = trial_params(self.params, values)
+        started = time.perf_counter()
+        with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True):
+            mlflow.log_params({k: str(v) for k, v in values.items()})
+            mlflow.set_tags({"optuna_trial": str(trial.number), "category": self.category})
+            state = "FAIL"
+            try:
+                value = self.train_and_score(trial, params)
+                state = "COMPLETE"
+                mlflow.log_metric("value", value)
+                return value
+            except optuna.TrialPruned:
+                state = "PRUNED"
+                raise
+            finally:
+                mlflow.set_tag("state", state)
+                mlflow.log_metric("duration_s", time.perf_counter() - started)
+
+    def train_and_score(self, trial: optuna.Trial, params: Params) -> float:
+        def report(epoch: int, model) -> None:
+            value = validation_value(model, params, self.category)
+            trial.report(value, epoch)
+            model.train()
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at PSM epoch {epoch} (validation value {value:.4f})")
+
+        with trial_folder(self.project_root):
+            stages.distill(params, self.category)
+            stages.psm(params, self.category, on_epoch_end=report)
+            from adps.training.checkpoints import load_model
+
+            model, _ = load_model(paths.psm_checkpoint(self.category))
+            return validation_value(model, params, self.category)
+
+
+def optimize_worker(
+    raw_params: dict[str, Any],
+    category: str,
+    n_trials: int,
+    target_total: int,
+    parent_run_id: str,
+    project_root: str,
+    tracking_uri: str,
+) -> None:
+    """One worker process: run trials of the shared study until the invocation's total is reached."""
+    import mlflow
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = params_from_dict(raw_params)
+    mlflow.set_tracking_uri(tracking_uri)
+    study = load_study(params, category)
+    study.optimize(
+        Objective(params, category, Path(project_root), parent_run_id),
+        n_trials=n_trials,
+        timeout=params.tune.timeout,
+        catch=(Exception,),
+        callbacks=[optuna.study.MaxTrialsCallback(target_total, states=None)],
+    )
+
+
+def parent_run(params: Params, category: str) -> str:
+    """The study's parent MLflow run: reused when the study is continued."""
+    import mlflow
+
+    from adps import tracking
+
+    tracking.connect(params)
+    mlflow.set_experiment(params.tracking.experiment)
+    name = study_name(params, category)
+    found = mlflow.search_runs(filter_string=f"tags.optuna_study = '{name}'", output_format="list")
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_name=name, tags={"optuna_study": name, "category": category}) as run:
+        return run.info.run_id
+
+
+def run_workers(params: Params, category: str, n_trials: int, workers: int, parent_id: str) -> None:
+    """Start ``workers`` processes on the shared study and wait for them."""
+    import mlflow
+
+    study = load_study(params, category)
+    target_total = len(study.trials) + n_trials
+    args = (
+        params.model_dump(mode="json"),
+        category,
+        n_trials,
+        target_total,
+        parent_id,
+        str(Path.cwd()),
+        mlflow.get_tracking_uri(),
+    )
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=optimize_worker, args=args) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    if any(p.exitcode for p in processes):
+        raise AdpsError(f"a tuning worker of {study_name(params, category)} crashed; see the log above")
+
+
+def best_values(study: optuna.Study) -> dict[str, Any]:
+    try:
+        return dict(study.best_trial.params)
+    except ValueError as err:
+        raise AdpsError(f"study {study.study_name} has no completed trial yet: {err}") from err
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def dvc_exp_command(best: dict[str, Any]) -> str:
+    return "dvc exp run " + " ".join(f"-S '{k}={v}'" for k, v in best.items())
+
+
+def summarise_study(params: Params, category: str, parent_id: str) -> dict[str, Any]:
+    """Best params file, trials table, and the parent run's best params, importances and history plot."""
+    import mlflow
+
+    study = load_study(params, category)
+    best = best_values(study)
+    override_params(params, best)  # the best params are valid against the schema
+    write_text_atomically(paths.best_params_file(category), yaml.safe_dump(nest(best), sort_keys=True))
+    trials = study.trials_dataframe()
+    write_text_atomically(paths.tuning_dir(category) / "trials.csv", trials.to_csv(index=False))
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.log_params({f"best.{k}": str(v) for k, v in best.items()})
+        mlflow.log_metric("best_value", study.best_value)
+        mlflow.log_artifact(str(paths.best_params_file(category)))
+        log_importances_and_history(study)
+    states = trials["state"].value_counts().to_dict() if not trials.empty else {}
+    return {
+        "study": study.study_name,
+        "n_trials": len(study.trials),
+        "states": states,
+        "best_value": study.best_value,
+        "best_params": best,
+        "best_params_file": str(paths.best_params_file(category)),
+        "dvc_exp_run": dvc_exp_command(best),
+    }
+
+
+def log_importances_and_history(study: optuna.Study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import mlflow
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(completed) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+            mlflow.log_dict({k: float(v) for k, v in importances.items()}, "param_importances.json")
+        except (RuntimeError, ValueError) as err:  # e.g. every trial had the same value
+            logger.warning("no parameter importances: %s", err)
+    axes = plot_optimization_history(study)
+    mlflow.log_figure(axes.figure, "optimization_history.png")
+
+
+def tune(params: Params, category: str, n_trials: int | None = None, workers: int = 1) -> dict[str, Any]:
+    """Run ``n_trials`` (default ``tune.n_trials``) more trials of the category's study on ``workers`` processes."""
+    stages.category_splits(params, category)  # unknown category: fail before starting anything
+    parent_id = parent_run(params, category)
+    run_workers(params, category, n_trials or params.tune.n_trials, workers, parent_id)
+    return summarise_study(params, category, parent_id)
+
+
+def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
+    """Write the category's best params into the params file, keeping its comments and layout."""
+    from ruamel.yaml import YAML
+
+    best_file = paths.best_params_file(category)
+    if not best_file.is_file():
+        raise AdpsError(f"no {best_file}: run `adps tune --category {category}` first")
+    best = yaml.safe_load(best_file.read_text())
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    document = yaml_rt.load(params_path.read_text())
+    flat = flatten_nested(best)
+    for key, value in flat.items():
+        node = document
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    from io import StringIO
+
+    buffer = StringIO()
+    yaml_rt.dump(document, buffer)
+    params_from_dict(yaml.safe_load(buffer.getvalue()), source=str(params_path))  # still valid
+    write_text_atomically(params_path, buffer.getvalue())
+    return {"params": str(params_path), "applied": flat}
+
+
+def flatten_nested(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(flatten_nested(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,29 @@
+"""Prefect flow ``adps-tune``: an Optuna study for one category, run on demand (deployment ``manual``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from adps import stages
+from adps.config import DEFAULT_PARAMS_PATH
+from flows.pipeline import stage_task
+
+tune_task = stage_task(stages.tune)
+
+
+@flow(name="adps-tune", log_prints=True)
+def adps_tune(
+    category: str, params_path: str = str(DEFAULT_PARAMS_PATH), trials: int | None = None, workers: int = 1
+) -> dict[str, Any]:
+    """Add ``trials`` trials to the category's study; publish the best params as an artifact."""
+    result = tune_task(params_path, category, trials, workers)
+    lines = "\n".join(f"| `{k}` | {v} |" for k, v in result["best_params"].items())
+    create_markdown_artifact(
+        key=f"tuning-{category}".lower().replace("_", "-"),
+        markdown=f"# Best params of {result['study']} (value {result['best_value']:.4f})\n\n| param | value |\n"
+        f"|---|---|\n{lines}\n\nApply: `adps tune --category {category} --apply` or `{result['dvc_exp_run']}`\n",
+    )
+    return result
