@@ -193,28 +193,17 @@ class Objective:
 
 
 def optimize_worker(
-    raw_params: dict[str, Any],
-    category: str,
-    n_trials: int,
-    target_total: int,
-    parent_run_id: str,
-    project_root: str,
-    tracking_uri: str,
+    raw_params: dict[str, Any], category: str, n_trials: int, parent_run_id: str, project_root: str, tracking_uri: str
 ) -> None:
-    """One worker process: run trials of the shared study until the invocation's total is reached."""
+    """One worker process: run ``n_trials`` trials of the shared study."""
     import mlflow
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = params_from_dict(raw_params)
     mlflow.set_tracking_uri(tracking_uri)
     study = load_study(params, category)
-    study.optimize(
-        Objective(params, category, Path(project_root), parent_run_id),
-        n_trials=n_trials,
-        timeout=params.tune.timeout,
-        catch=(Exception,),
-        callbacks=[optuna.study.MaxTrialsCallback(target_total, states=None)],
-    )
+    objective = Objective(params, category, Path(project_root), parent_run_id)
+    study.optimize(objective, n_trials=n_trials, timeout=params.tune.timeout, catch=(Exception,))
 
 
 def parent_run(params: Params, category: str) -> str:
@@ -234,22 +223,15 @@ def parent_run(params: Params, category: str) -> str:
 
 
 def run_workers(params: Params, category: str, n_trials: int, workers: int, parent_id: str) -> None:
-    """Start ``workers`` processes on the shared study and wait for them."""
+    """Share ``n_trials`` among ``workers`` processes on the shared study and wait for them."""
     import mlflow
 
-    study = load_study(params, category)
-    target_total = len(study.trials) + n_trials
-    args = (
-        params.model_dump(mode="json"),
-        category,
-        n_trials,
-        target_total,
-        parent_id,
-        str(Path.cwd()),
-        mlflow.get_tracking_uri(),
-    )
+    load_study(params, category)  # create it once, before the workers race to
+    shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+    common = (params.model_dump(mode="json"), category)
+    rest = (parent_id, str(Path.cwd()), mlflow.get_tracking_uri())
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=optimize_worker, args=args) for _ in range(workers)]
+    processes = [context.Process(target=optimize_worker, args=(*common, n, *rest)) for n in shares if n]
     for process in processes:
         process.start()
     for process in processes:
