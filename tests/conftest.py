@@ -82,6 +82,7 @@ def project_env(root: Path) -> dict[str, str]:
         GIT_COMMITTER_NAME="test",
         GIT_COMMITTER_EMAIL="t@example.com",
         HOME=str(root),
+        COLUMNS="250",
     )
     return env
 

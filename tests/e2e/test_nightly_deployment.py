@@ -35,6 +35,8 @@ def test_make_up_then_nightly_deployment_run_completes_and_registers(tmp_path: P
     make_dvc_project(root, env)
     try:
         run(["bash", "scripts/services.sh", "up"], root, env)
+        listed = run(["prefect", "deployment", "ls"], root, env)
+        assert "adps-pipeline/nightly" in listed and "adps-tune/manual" in listed
         out = subprocess.run(
             ["prefect", "deployment", "run", "adps-pipeline/nightly", "--watch"],
             cwd=root,

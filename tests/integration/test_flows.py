@@ -62,3 +62,24 @@ def test_failed_validation_stops_before_training_and_keeps_champion(flow_project
 def test_dvc_targets_skip_failed_categories():
     assert dvc_targets(["a"]) == ["prepare", "validate", "distill@a", "psm@a", "evaluate@a", "register@a"]
     assert issubclass(ValidationFailed, AdpsError)
+
+
+def test_tune_flow_publishes_best_params(flow_project, monkeypatch, tmp_path):
+    from flows.tune import adps_tune
+
+    root, _, _ = flow_project
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_params(
+        root,
+        data={"categories": ["washer"], "image_size": 64},
+        tune={
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+            "pruner": "none",
+            "budget": {"distill_epochs": 1, "psm_epochs": 1},
+        },
+    )
+    result = adps_tune(category="washer", params_path="params.yaml", trials=1)
+    assert result["n_trials"] == 1 and (root / "reports/tuning/washer/best_params.yaml").is_file()
+    artifact = Artifact.get("tuning-washer")
+    assert artifact is not None and "dvc exp run" in str(artifact.data)
