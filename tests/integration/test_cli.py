@@ -21,7 +21,18 @@ def adps(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_help_lists_the_stage_commands(tmp_path):
     out = adps("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for command in ("prepare", "validate"):
+    for command in (
+        "prepare",
+        "validate",
+        "distill",
+        "psm",
+        "evaluate",
+        "register",
+        "promote",
+        "predict",
+        "tune",
+        "report",
+    ):
         assert command in out.stdout
     assert "--params" in adps("prepare", "--help", cwd=tmp_path).stdout
 
