@@ -152,7 +152,7 @@ class LossParams(Section):
 
 class ScoreParams(Section):
     method: Literal["max", "topk"] = "max"
-    sigma: float = Field(4.0, ge=0)
+    sigma: float = Field(2.0, ge=0)
     topk: int = Field(100, ge=1)
 
 

@@ -1,7 +1,9 @@
 """The paper's ablation on the configured dataset: ADPS vs symmetric KD (k = 1) vs no WMB/PSM.
 
-Usage: ``python -m benchmarks.ablation [--params params.yaml] [--out benchmarks/out/ablation]``
-after ``adps prepare``. Each variant trains in its own folder (the dataset is linked, not copied):
+Usage: ``python -m benchmarks.ablation [--params params.yaml] [--out benchmarks/out/ablation]
+[--adps-from DIR]`` after ``adps prepare``. Each variant trains in its own folder (the dataset is
+linked, not copied); ``--adps-from`` reuses a project folder where ``dvc repro`` already ran with
+the same params (its metrics and students) instead of training the ADPS variant again:
 
 - ``adps``: the params as given (asymmetric, k = model.patches, WMB + PSM);
 - ``symmetric``: the same with model.patches = 1 (plain distillation, then WMB + PSM);
@@ -59,6 +61,20 @@ def run_variant(root: Path, name: str, raw: dict[str, Any], data_dir: Path) -> d
         os.chdir(cwd)
 
 
+def reuse_variant(folder: Path, params) -> dict[str, dict[str, float]]:
+    """The ADPS variant from a project folder where the pipeline already ran with these params."""
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        results = {}
+        for category in params.data.categories:
+            results[category] = json.loads(paths.metrics_file(category).read_text())
+            results[f"{category}/no_wmb_psm"] = student_only_metrics(params, category)
+        return results
+    finally:
+        os.chdir(cwd)
+
+
 def student_only_metrics(params, category: str) -> dict[str, float]:
     """Metrics of the stage-1 student alone (map = 1 - cos), on the test split."""
     device = setup_torch(params)
@@ -97,16 +113,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="benchmarks/out/ablation")
+    parser.add_argument("--adps-from", type=Path, help="project folder with a finished run of these params")
     args = parser.parse_args()
     raw = yaml.safe_load(Path(args.params).read_text())
     params = params_from_dict(raw)
     data_dir = paths.dataset_dir(params)
     symmetric = {**raw, "model": {**raw.get("model", {}), "patches": 1}}
     root = Path(args.out)
-    results = {
-        "adps": run_variant(root, "adps", raw, data_dir),
-        "symmetric": run_variant(root, "symmetric", symmetric, data_dir),
-    }
+    adps = reuse_variant(args.adps_from, params) if args.adps_from else run_variant(root, "adps", raw, data_dir)
+    results = {"adps": adps, "symmetric": run_variant(root, "symmetric", symmetric, data_dir)}
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(ablation_table(results, list(params.data.categories)))
 
