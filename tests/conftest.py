@@ -63,6 +63,21 @@ def tiny_dataset_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory, tiny_dataset_master: Path) -> tuple[Path, dict]:
+    """A temp project where category washer was trained and evaluated once (tiny params)."""
+    from adps import stages
+
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(tiny_dataset_master, root / "data" / "synthetic")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        results = {
+            stage.__name__: stage(tiny_params(), "washer") for stage in (stages.distill, stages.psm, stages.evaluate)
+        }
+    return root, results
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dataset_master: Path) -> Path:
     """A temp project folder (the cwd) with tiny params.yaml and a fresh copy of the tiny dataset."""

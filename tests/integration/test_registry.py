@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 
 import numpy as np
@@ -15,21 +14,10 @@ from adps.inference import Predictor
 from tests.conftest import tiny_params
 
 
-@pytest.fixture(scope="module")
-def trained_project(tmp_path_factory, tiny_dataset_master):
-    root = tmp_path_factory.mktemp("registry")
-    shutil.copytree(tiny_dataset_master, root / "data" / "synthetic")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        for stage in (stages.distill, stages.psm, stages.evaluate):
-            stage(tiny_params(), "washer")
-    return root
-
-
 @pytest.fixture
 def store(trained_project, tmp_path, monkeypatch):
     """A fresh MLflow sqlite store per test, the trained project as cwd."""
-    monkeypatch.chdir(trained_project)
+    monkeypatch.chdir(trained_project[0])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return MlflowClient(uri)
@@ -104,7 +92,7 @@ def test_auto_promotion_and_manual_promote(store):
 
 
 def test_unreachable_server_is_a_clear_error_and_keeps_local_outputs(trained_project, monkeypatch):
-    monkeypatch.chdir(trained_project)
+    monkeypatch.chdir(trained_project[0])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

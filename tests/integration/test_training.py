@@ -19,16 +19,9 @@ from adps.training.checkpoints import CheckpointError, load_model, read_checkpoi
 from tests.conftest import tiny_params
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_dataset_master):
-    """One category trained and evaluated once for the module (cwd: a temp project)."""
-    root = tmp_path_factory.mktemp("trained")
-    shutil.copytree(tiny_dataset_master, root / "data" / "synthetic")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        params = tiny_params()
-        results = {name: getattr(stages, name)(params, "washer") for name in ("distill", "psm", "evaluate")}
-    return root, results
+@pytest.fixture
+def trained(trained_project):
+    return trained_project
 
 
 def test_stages_write_their_outputs(trained, monkeypatch):
