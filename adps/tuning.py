@@ -26,7 +26,14 @@ import optuna
 import yaml
 
 from adps import paths, stages
-from adps.config import CategoricalDistribution, FloatDistribution, Params, override_params, params_from_dict
+from adps.config import (
+    CategoricalDistribution,
+    FloatDistribution,
+    Params,
+    flatten_params,
+    override_params,
+    params_from_dict,
+)
 from adps.errors import AdpsError
 from adps.evaluation.metrics import decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions
@@ -222,11 +229,28 @@ def parent_run(params: Params, category: str) -> str:
         return run.info.run_id
 
 
+def current_values(params: Params) -> dict[str, Any]:
+    """The params file's values of the tuned parameters (those that lie inside the search space)."""
+    flat = flatten_params(params, include_tune=False)
+    values = {}
+    for key, dist in params.tune.space.items():
+        value = flat[key]
+        if isinstance(dist, CategoricalDistribution):
+            inside = value in dist.choices
+        else:
+            inside = value is not None and dist.low <= value <= dist.high
+        if inside:
+            values[key] = value
+    return values
+
+
 def run_workers(params: Params, category: str, n_trials: int, workers: int, parent_id: str) -> None:
     """Share ``n_trials`` among ``workers`` processes on the shared study and wait for them."""
     import mlflow
 
-    load_study(params, category)  # create it once, before the workers race to
+    study = load_study(params, category)  # create it once, before the workers race to
+    if not study.trials:  # the first trial of a new study measures the current params
+        study.enqueue_trial(current_values(params), user_attrs={"baseline": True})
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     common = (params.model_dump(mode="json"), category)
     rest = (parent_id, str(Path.cwd()), mlflow.get_tracking_uri())
@@ -278,10 +302,12 @@ def summarise_study(params: Params, category: str, parent_id: str) -> dict[str, 
         mlflow.log_artifact(str(paths.best_params_file(category)))
         log_importances_and_history(study)
     states = trials["state"].value_counts().to_dict() if not trials.empty else {}
+    baseline = next((t.value for t in study.trials if t.user_attrs.get("baseline")), None)
     return {
         "study": study.study_name,
         "n_trials": len(study.trials),
         "states": states,
+        "baseline_value": baseline,
         "best_value": study.best_value,
         "best_params": best,
         "best_params_file": str(paths.best_params_file(category)),
