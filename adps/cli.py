@@ -140,7 +140,7 @@ def report(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     if len(rows) > 1:
         means = [sum(r[c] or 0.0 for r in rows.values()) / len(rows) for c in columns]
         table.add_row("mean", *[f"{m:.3f}" for m in means], style="bold")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
     typer.echo("Heatmaps: reports/heatmaps/<category>/  Curves: dvc plots show  Metrics: dvc metrics show")
     typer.echo(
         "MLflow UI: make up (or: mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000), "
