@@ -128,8 +128,11 @@ def tune(
 @app.command()
 def report(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Print the per-category metrics table (from reports/metrics) and where to look next."""
-    params_obj = load_params(params)
-    rows = stages.summarize(params_obj)
+    try:
+        rows = stages.summarize(load_params(params))
+    except AdpsError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
     table = Table(title="ADPS test metrics per category")
     table.add_column("category")
     columns = list(next(iter(rows.values()), {}))
