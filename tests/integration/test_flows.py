@@ -83,3 +83,21 @@ def test_tune_flow_publishes_best_params(flow_project, monkeypatch, tmp_path):
     assert result["n_trials"] == 1 and (root / "reports/tuning/washer/best_params.yaml").is_file()
     artifact = Artifact.get("tuning-washer")
     assert artifact is not None and "dvc exp run" in str(artifact.data)
+
+
+def test_one_failing_category_fails_the_run_and_spares_the_others(harness, tmp_path, monkeypatch):
+    root = tmp_path / "two"
+    root.mkdir()
+    env = project_env(root)
+    make_dvc_project(root, env)
+    write_params(root, data={"categories": ["washer", "fabric"], "image_size": 64})
+    (root / "models/fabric/psm.pt").mkdir(parents=True)  # psm@fabric cannot write its checkpoint
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", env["PATH"])
+    with pytest.raises(AdpsError, match=r"categories failed: fabric \(failed at psm\)"):
+        adps_pipeline(params_path="params.yaml")
+    assert json.loads((root / "reports/registry/washer.json").read_text())["aliases"]
+    assert not (root / "reports/registry/fabric.json").exists()
+    status = run(["dvc", "status", "register@washer", "evaluate@washer"], root, env)
+    assert "up to date" in status
