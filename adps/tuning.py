@@ -351,8 +351,12 @@ def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
     best = yaml.safe_load(best_file.read_text())
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     document = yaml_rt.load(params_path.read_text())
-    flat = flatten_nested(best)
+    current = flatten_params(params_from_dict(yaml.safe_load(params_path.read_text()), source=str(params_path)))
+    flat = {k: v for k, v in flatten_nested(best).items() if current.get(k) != v}  # touch only what changes
     for key, value in flat.items():
         node = document
         *parents, leaf = key.split(".")
