@@ -39,6 +39,7 @@ from adps.evaluation.metrics import decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
+from adps.training.checkpoints import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ class Objective:
         with trial_folder(self.project_root):
             stages.distill(params, self.category)
             stages.psm(params, self.category, on_epoch_end=report)
-            from adps.training.checkpoints import load_model
-
             model, _ = load_model(paths.psm_checkpoint(self.category))
             return validation_value(model, params, self.category)
 
