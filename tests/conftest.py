@@ -53,6 +53,12 @@ def write_params(folder: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_outside_tracking_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their own MLflow store (params or their own env); never the caller's shell setting."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic dataset, generated once per session (``data/synthetic/<category>``)."""

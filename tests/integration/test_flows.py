@@ -28,7 +28,6 @@ def flow_project(tmp_path_factory, harness):
     make_dvc_project(root, env)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("PATH", env["PATH"])
         rows = adps_pipeline(params_path="params.yaml")
     return root, env, rows
@@ -47,7 +46,6 @@ def test_flow_registers_challenger_and_leaves_dvc_status_clean(flow_project):
 def test_failed_validation_stops_before_training_and_keeps_champion(flow_project, monkeypatch):
     root, _, _ = flow_project
     monkeypatch.chdir(root)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     before = {p: os.stat(root / p).st_mtime_ns for p in ("models/washer/psm.pt", "models/washer/student.pt")}
     registry_before = (root / "reports/registry/washer.json").read_text()
     write_params(root, data={"categories": ["washer"], "image_size": 64}, validation={"min_train": 1000})
@@ -69,10 +67,10 @@ def test_tune_flow_publishes_best_params(flow_project, monkeypatch, tmp_path):
 
     root, _, _ = flow_project
     monkeypatch.chdir(root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     write_params(
         root,
         data={"categories": ["washer"], "image_size": 64},
+        tracking={"uri": f"sqlite:///{tmp_path / 'runs.db'}"},
         tune={
             "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
             "pruner": "none",
@@ -93,7 +91,6 @@ def test_one_failing_category_fails_the_run_and_spares_the_others(harness, tmp_p
     write_params(root, data={"categories": ["washer", "fabric"], "image_size": 64})
     (root / "models/fabric/psm.pt").mkdir(parents=True)  # psm@fabric cannot write its checkpoint
     monkeypatch.chdir(root)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("PATH", env["PATH"])
     with pytest.raises(AdpsError, match=r"categories failed: fabric \(failed at psm\)"):
         adps_pipeline(params_path="params.yaml")

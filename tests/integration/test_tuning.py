@@ -21,6 +21,10 @@ SPACE = {
 }
 
 
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'runs.db'}"
+
+
 def tune_params(tmp_path, **tune):
     cfg = {
         "n_trials": 3,
@@ -31,17 +35,18 @@ def tune_params(tmp_path, **tune):
         "space": SPACE,
         **tune,
     }
-    return tiny_params(tune=cfg, data={"categories": ["washer"], "image_size": 64})
+    return tiny_params(
+        tune=cfg, data={"categories": ["washer"], "image_size": 64}, tracking={"uri": tracking_uri(tmp_path)}
+    )
 
 
 @pytest.fixture
-def tuning_project(project, tmp_path, monkeypatch):
+def tuning_project(project, tmp_path):
     """The tiny project with the test split replaced by unreadable files: tuning must never need it."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     test_files = [p for p in (project / "data/synthetic/washer").rglob("*.png") if "train" not in p.parts]
     for path in test_files:
         path.write_bytes(b"not an image: the test split must not be read during tuning")
-    return project, MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return project, MlflowClient(tracking_uri(tmp_path))
 
 
 def runs_of(client, study: str):
