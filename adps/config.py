@@ -56,8 +56,8 @@ class DataParams(Section):
     import_path: Path | None = None
     folder: FolderImportParams = FolderImportParams()
     image_size: int = Field(128, ge=32, le=1024, multiple_of=32)
-    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    normalize_mean: tuple[float, float, float] | None = None  # None: the backbone weights' own
+    normalize_std: tuple[float, float, float] | None = None
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
 
     @model_validator(mode="after")
@@ -107,8 +107,11 @@ class ValidationParams(Section):
     min_test_defect: int = Field(1, ge=0)
 
 
+BackboneName = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"]
+
+
 class ModelParams(Section):
-    backbone: Literal["resnet18", "wide_resnet50_2"] = "resnet18"
+    backbone: BackboneName = "efficientnet_lite0"
     teacher_weights: str = "auto"
     patches: int = Field(4, ge=1, le=16)
     split_after: tuple[Literal[0, 1, 2], ...] = (0,)

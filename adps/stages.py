@@ -28,7 +28,7 @@ from adps.errors import AdpsError, ValidationFailed
 from adps.evaluation import reports
 from adps.evaluation.predictions import Predictions, predict_dataset
 from adps.files import replace_dir_atomically, write_json_atomically, write_text_atomically
-from adps.model.backbones import calibrate_batchnorm, load_teacher_weights
+from adps.model.backbones import calibrate_batchnorm, input_normalization, load_teacher_weights
 from adps.runtime import progress_enabled, seeded, setup_torch
 from adps.training.checkpoints import (
     CheckpointError,
@@ -210,7 +210,7 @@ def normal_batches(samples: list, params: Params) -> list:
     """The normal training images as normalised batches (no synthetic anomalies)."""
     import torch
 
-    normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+    normalize = Normalizer(*input_normalization(params))
     images = [normalize(load_rgb(s.image_path, params.data.image_size)) for s in samples]
     size = params.train.distill.batch_size
     return [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]

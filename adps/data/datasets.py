@@ -14,6 +14,7 @@ from adps.config import Params
 from adps.data.layout import Sample
 from adps.data.synthesis import AnomalySynthesizer
 from adps.errors import ImageReadError
+from adps.model.backbones import input_normalization
 
 Array = np.ndarray
 
@@ -72,7 +73,7 @@ class TrainDataset(Dataset):
         self.size = params.data.image_size
         self.seed = seed
         self.epoch = 0
-        self.normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+        self.normalize = Normalizer(*input_normalization(params))
         self.synthesize = AnomalySynthesizer(params.synthesis, self.size, seed)
         self.cache: dict[int, Array] = {}
 
@@ -100,7 +101,7 @@ class TestDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], params: Params):
         self.samples = list(samples)
         self.size = params.data.image_size
-        self.normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+        self.normalize = Normalizer(*input_normalization(params))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -134,7 +135,7 @@ class ValidationDataset(Dataset):
         self.samples = list(samples)
         self.size = params.data.image_size
         self.seed = seed
-        self.normalize = Normalizer(params.data.normalize_mean, params.data.normalize_std)
+        self.normalize = Normalizer(*input_normalization(params))
         always = params.synthesis.model_copy(update={"normal_prob": 0.0})
         self.synthesize = AnomalySynthesizer(always, self.size, seed)
 

@@ -20,6 +20,7 @@ from adps.config import Params
 from adps.errors import AdpsError
 from adps.files import write_atomically
 from adps.model.adps import AdpsModel
+from adps.model.backbones import input_normalization
 
 FORMAT_VERSION = 1
 
@@ -30,11 +31,12 @@ class CheckpointError(AdpsError):
 
 def model_spec(params: Params) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess its input, as plain JSON-able data."""
+    mean, std = input_normalization(params)
     return {
         "model": params.model.model_dump(mode="json"),
         "image_size": params.data.image_size,
-        "normalize_mean": list(params.data.normalize_mean),
-        "normalize_std": list(params.data.normalize_std),
+        "normalize_mean": mean,
+        "normalize_std": std,
     }
 
 
@@ -54,9 +56,12 @@ def build_model(spec: dict[str, Any]) -> AdpsModel:
 
 
 def versions() -> dict[str, str]:
+    import timm
+
     return {
         "adps": adps.__version__,
         "torch": str(torch.__version__),
+        "timm": str(timm.__version__),
         "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
     }
