@@ -126,7 +126,7 @@ class ModelParams(Section):
 
 
 class PhaseParams(Section):
-    epochs: int = Field(40, ge=1)
+    epochs: int = Field(30, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
     lr_milestones: tuple[float, ...] = (0.8, 0.9)
@@ -135,6 +135,7 @@ class PhaseParams(Section):
 
 
 class PsmPhaseParams(PhaseParams):
+    epochs: int = Field(50, ge=1)
     joint: bool = False
     student_lr: float = Field(1e-4, gt=0)
 

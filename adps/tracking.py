@@ -33,6 +33,7 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = [
     "torch==2.14.1",
     "torchvision==0.29.1",
+    "timm==1.0.31",  # the EfficientNet-Lite architecture (its weights are inside psm.pt)
     "numpy==2.4.6",
     "pillow==13.0.0",
     "pandas==3.1.1",

@@ -1,11 +1,14 @@
-"""Training and inference cost of ADPS as ratios against a plain resnet18 step, measured in one run.
+"""Training and inference cost of ADPS as ratios against plain backbone steps, measured in one run.
 
-Usage: ``python -m benchmarks.cost [--params params.yaml] [--batch 8] [--size 256] [--repeats 5]``
+Usage: ``python -m benchmarks.cost [--params params.yaml] [--batch 8] [--size 256] [--repeats 5]
+[--threads 2]``
 
 Same batch, same process, same threads: the ADPS training steps (stage 1: teacher + patch
 student + distillation loss; stage 2: teacher + student + WMB + PSM + focal loss) against a plain
-torchvision resnet18 forward+backward+Adam step, and ADPS inference against a plain resnet18
-forward. Peak RSS of training is measured in a fresh subprocess.
+forward+backward+Adam step of the whole classification network of the same backbone
+(``model.backbone``, e.g. timm's tf_efficientnet_lite0 with its head) and of torchvision's resnet18,
+and ADPS inference against a plain forward of each. Peak RSS of training is measured in a fresh
+subprocess.
 """
 
 from __future__ import annotations
@@ -62,14 +65,6 @@ def measure(params_path: str, batch_size: int, size: int, repeats: int) -> dict[
     batch = make_batch(batch_size, size)
     device = torch.device("cpu")
 
-    plain = torchvision.models.resnet18(weights=None)
-    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-4)
-
-    def plain_step() -> None:
-        plain_opt.zero_grad(set_to_none=True)
-        plain(batch["image"]).mean().backward()
-        plain_opt.step()
-
     model = build_model(model_spec(params))
     distill = training_step(
         distill_step(model, params.loss, device), torch.optim.Adam(model.student.parameters(), lr=1e-4)
@@ -78,20 +73,41 @@ def measure(params_path: str, batch_size: int, size: int, repeats: int) -> dict[
         psm_step(model, params.loss, params.train.psm, device),
         torch.optim.Adam(psm_param_groups(model, params.train.psm), lr=1e-4),
     )
-    plain.eval()
     model.eval()
     with torch.no_grad():
-        plain_fwd = median_seconds(lambda: plain(batch["image"]), repeats)
         adps_fwd = median_seconds(lambda: model(batch["image"]), repeats)
-    plain.train()
-    plain_train = median_seconds(plain_step, repeats)
     return {
-        "plain_train_s": plain_train,
+        **plain_seconds("backbone", classification_net(params.model.backbone), batch["image"], repeats),
+        **plain_seconds("resnet18", torchvision.models.resnet18(weights=None), batch["image"], repeats),
         "distill_train_s": median_seconds(lambda: distill(batch), repeats),
         "psm_train_s": median_seconds(lambda: psm(batch), repeats),
-        "plain_infer_s": plain_fwd,
         "adps_infer_s": adps_fwd,
     }
+
+
+def classification_net(backbone: str) -> torch.nn.Module:
+    """The whole ImageNet classification network of a backbone name (random init)."""
+    if backbone.startswith("efficientnet_lite"):
+        import timm
+
+        return timm.create_model(f"tf_{backbone}", pretrained=False)
+    return getattr(torchvision.models, backbone)(weights=None)
+
+
+def plain_seconds(name: str, net: torch.nn.Module, image: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of a plain forward (eval, no grad) and forward+backward+Adam step (train) of ``net``."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        net(image).mean().backward()
+        optimizer.step()
+
+    net.eval()
+    with torch.no_grad():
+        forward = median_seconds(lambda: net(image), repeats)
+    net.train()
+    return {f"{name}_train_s": median_seconds(step, repeats), f"{name}_infer_s": forward}
 
 
 def aupro_seconds(n_maps: int = 200, size: int = 256) -> float:
@@ -108,15 +124,38 @@ def aupro_seconds(n_maps: int = 200, size: int = 256) -> float:
     return time.perf_counter() - start
 
 
-def peak_training_rss_gb(params_path: str, batch_size: int, size: int) -> float:
+def peak_training_rss_gb(params_path: str, batch_size: int, size: int, threads: int) -> float:
     """Peak RSS of a fresh process that runs both training steps (GB)."""
     code = (
-        "import resource, sys; from benchmarks.cost import measure; "
+        f"import resource, torch; torch.set_num_threads({threads}); from benchmarks.cost import measure; "
         f"measure({params_path!r}, {batch_size}, {size}, 1); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024**2
+
+
+def cost_table(t: dict[str, float], backbone: str) -> str:
+    """Markdown rows: each ADPS cost as seconds per batch and as ratios to both plain networks."""
+    train = t["distill_train_s"] + t["psm_train_s"]
+    rows = [
+        (f"plain {backbone} forward+backward+Adam", t["backbone_train_s"], "train", ""),
+        ("plain resnet18 forward+backward+Adam", t["resnet18_train_s"], "train", ""),
+        ("ADPS stage 1 step (distillation)", t["distill_train_s"], "train", ""),
+        ("ADPS stage 2 step (PSM)", t["psm_train_s"], "train", ""),
+        ("ADPS training, both stages per batch", train, "train", "<= 3"),
+        (f"plain {backbone} forward", t["backbone_infer_s"], "infer", ""),
+        ("plain resnet18 forward", t["resnet18_infer_s"], "infer", ""),
+        ("ADPS inference (teacher + patch student + WMB + PSM + score)", t["adps_infer_s"], "infer", "<= 3.5"),
+    ]
+    lines = [
+        f"| measure | seconds/batch | ratio to plain {backbone} | ratio to plain resnet18 | target |",
+        "|---|---|---|---|---|",
+    ]
+    for label, seconds, kind, target in rows:
+        to_backbone, to_resnet = seconds / t[f"backbone_{kind}_s"], seconds / t[f"resnet18_{kind}_s"]
+        lines.append(f"| {label} | {seconds:.3f} | {to_backbone:.2f} | {to_resnet:.2f} | {target} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -125,27 +164,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (set explicitly: 2-core machines)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    backbone = load_params(args.params).model.backbone
     t = measure(args.params, args.batch, args.size, args.repeats)
-    rss = peak_training_rss_gb(args.params, args.batch, args.size)
-    train_ratio = (t["distill_train_s"] + t["psm_train_s"]) / t["plain_train_s"]
-    print(f"batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, device cpu\n")
-    print("| measure | seconds/batch | ratio to plain resnet18 | target |\n|---|---|---|---|")
-    print(f"| plain resnet18 forward+backward+Adam | {t['plain_train_s']:.3f} | 1.00 | |")
-    print(
-        f"| ADPS stage 1 step (distillation) | {t['distill_train_s']:.3f} | "
-        f"{t['distill_train_s'] / t['plain_train_s']:.2f} | |"
-    )
-    print(f"| ADPS stage 2 step (PSM) | {t['psm_train_s']:.3f} | {t['psm_train_s'] / t['plain_train_s']:.2f} | |")
-    print(
-        f"| ADPS training, both stages per batch | {t['distill_train_s'] + t['psm_train_s']:.3f} | "
-        f"{train_ratio:.2f} | <= 3 |"
-    )
-    print(f"| plain resnet18 forward | {t['plain_infer_s']:.3f} | 1.00 | |")
-    print(f"| ADPS inference | {t['adps_infer_s']:.3f} | {t['adps_infer_s'] / t['plain_infer_s']:.2f} | <= 3.5 |")
-    print(f"| peak RSS of training (GB) | {rss:.2f} | | < 4 |")
+    rss = peak_training_rss_gb(args.params, args.batch, args.size, args.threads)
+    print(f"{backbone}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, device cpu\n")
+    print(cost_table(t, backbone))
     seconds = aupro_seconds()
-    print(f"| AUPRO, 200 maps of 256x256 (s) | {seconds:.2f} | | a few seconds |")
+    print(f"\npeak RSS of training (GB, fresh process): {rss:.2f} (target < 4)")
+    print(f"AUPRO, 200 maps of 256x256: {seconds:.2f} s")
     print("\n" + json.dumps({**t, "peak_rss_gb": rss, "aupro_200x256_s": seconds}))
 
 
