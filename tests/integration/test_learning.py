@@ -77,6 +77,5 @@ def test_student_unchanged_by_non_joint_psm_training(short_run):
     assert set(before) == set(after) and before
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
-    initial = part(short_run["psm"]["state"], "psm.")
-    assert initial  # the PSM, by contrast, is there and was trained (its loss history has 30 epochs)
-    assert len(short_run["psm"]["history"]) == 30
+    losses = [h["loss_seg"] for h in short_run["psm"]["history"]]
+    assert len(losses) == 30 and losses[-1] < losses[0]  # while the PSM did train
