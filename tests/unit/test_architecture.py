@@ -1,4 +1,4 @@
-"""Import rules of DESIGN.md: compute layers import no orchestration/tracking tool; only flows/ imports prefect."""
+"""Import rules of docs/architecture.md: compute layers import no orchestration/tracking tool; only flows/ imports prefect."""
 
 from __future__ import annotations
 
