@@ -1,4 +1,5 @@
-"""Import rules of docs/architecture.md: compute layers import no orchestration/tracking tool; only flows/ imports prefect."""
+"""Import rules (docs/architecture.md): compute layers import no orchestration or tracking tool; only flows/ imports
+prefect."""
 
 from __future__ import annotations
 
