@@ -25,8 +25,9 @@ run: setup  ## run the whole pipeline (dvc repro) on the embedded dataset and pr
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/adps report
 
-test: setup  ## run the test suite
+test: setup  ## run ruff, the import contracts (pyproject.toml) and the test suite
 	$(BIN)/ruff check adps flows tests benchmarks
+	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/pytest
 
 up: setup  ## start Prefect server, MLflow UI and the nightly deployment (logs in .run/)

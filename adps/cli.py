@@ -17,7 +17,6 @@ from adps import stages
 from adps.config import DEFAULT_PARAMS_PATH, Params, load_params
 from adps.errors import AdpsError, ValidationFailed
 from adps.inference import Predictor, predict_to_folder
-from adps.runtime import configure_logging
 
 app = typer.Typer(
     help="ADPS anomaly detection pipeline: prepare data, validate, train, evaluate, predict.",
@@ -30,11 +29,18 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML) to read every setting from.")]
 
 
+def configure_logging(level: str = "INFO") -> None:
+    """Log to stderr at ``level`` (``runtime.log_level``): the command is the application, so it owns logging."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("great_expectations", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path, *args: Any) -> dict[str, Any]:
     """Load params, run one stage, print its result; user errors become a message and exit 1."""
     try:
         params = load_params(params_path)
-        configure_logging(params)
+        configure_logging(params.runtime.log_level)
         result = stage(params, *args)
     except ValidationFailed as err:
         print_failures(err.failures)
@@ -116,12 +122,12 @@ def tune(
     params: ParamsOption = DEFAULT_PARAMS_PATH,
 ) -> None:
     """Tune loss, learning-rate, score and threshold params with Optuna on the validation split."""
-    if apply:
-        from adps.tuning import apply_best_params
+    from adps import tuning
 
-        run_stage(lambda _params: apply_best_params(params, category), params)
+    if apply:
+        run_stage(lambda _params: tuning.apply_best_params(params, category), params)
         return
-    result = run_stage(stages.tune, params, category, trials, workers)
+    result = run_stage(tuning.tune, params, category, trials, workers)
     typer.echo(f"\nApply with:  adps tune --category {category} --apply   or:  {result['dvc_exp_run']}")
 
 
@@ -176,7 +182,7 @@ def predict(
     ),
 ) -> None:
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     try:
         predictor = load_predictor(model, params, device)
         result = predict_to_folder(predictor, input, output, batch_size, progress=sys.stderr.isatty())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +19,9 @@ from adps.errors import AdpsError
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 SYNTHETIC_CATEGORIES = ("fabric", "wood", "washer", "capsule")
 SYNTHETIC_DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "contamination")
+
+MetricName = Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max"]
+METRIC_NAMES: tuple[str, ...] = get_args(MetricName)  # the headline test metrics, in table order
 
 
 class ParamsError(AdpsError):
@@ -179,7 +182,7 @@ class TrackingParams(Section):
 
 class RegistryParams(Section):
     auto_promote: bool = False
-    promote_metric: Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max"] = "pixel_ap"
+    promote_metric: MetricName = "pixel_ap"
     min_delta: float = Field(0.0, ge=0)
 
 
@@ -208,21 +211,6 @@ class CategoricalDistribution(Section):
 
 Distribution = Annotated[FloatDistribution | IntDistribution | CategoricalDistribution, Field(discriminator="type")]
 
-DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    "loss.push_weight": {"type": "float", "low": 0.1, "high": 3.0, "log": True},
-    "loss.push_floor": {"type": "float", "low": -0.5, "high": 0.5},
-    "loss.focal_gamma": {"type": "float", "low": 0.0, "high": 4.0},
-    "loss.focal_alpha": {"type": "float", "low": 0.1, "high": 0.9},
-    "loss.seg_weight": {"type": "float", "low": 0.1, "high": 3.0, "log": True},
-    "train.distill.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True},
-    "train.psm.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True},
-    "score.method": {"type": "categorical", "choices": ["max", "topk"]},
-    "score.sigma": {"type": "float", "low": 0.0, "high": 8.0},
-    "score.topk": {"type": "int", "low": 10, "high": 1000, "log": True},
-    "threshold.strategy": {"type": "categorical", "choices": ["f1", "percentile"]},
-    "threshold.percentile": {"type": "float", "low": 90.0, "high": 99.9},
-}
-
 
 class TuneBudgetParams(Section):
     distill_epochs: int = Field(8, ge=1)
@@ -238,9 +226,9 @@ class TuneParams(Section):
     pruner_warmup_epochs: int = Field(2, ge=0)
     storage: str = "sqlite:///optuna.db"
     study_name: str = "adps"
-    objective: Literal["decision_f1", "pixel_ap", "image_auroc", "aupro"] = "decision_f1"
+    objective: Literal["decision_f1", MetricName] = "decision_f1"
     budget: TuneBudgetParams = TuneBudgetParams()
-    space: dict[str, Distribution] = Field(default_factory=lambda: dict(DEFAULT_SPACE), validate_default=True)
+    space: dict[str, Distribution] = Field(default_factory=dict)  # the default space lives in params.yaml
 
     @model_validator(mode="after")
     def _check_bounds(self) -> TuneParams:
@@ -361,31 +349,45 @@ def allowed_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def flatten_tree(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"section.key": value}`` (leaves are non-mappings)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_tree(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def set_dotted(tree: Any, key: str, value: Any) -> None:
+    """Set ``tree["a"]["b"]`` for ``key="a.b"``, creating missing levels (works on any mutable mapping)."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``; the inverse of :func:`flatten_tree`."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        set_dotted(nested, key, value)
+    return nested
+
+
 def flatten_params(params: Params, include_tune: bool = True) -> dict[str, Any]:
     """Params as ``{"section.key": value}``, for logging, tracking and tuning."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, sub)
-        else:
-            flat[prefix] = value
-
     dumped = params.model_dump(mode="json")
     if not include_tune:
         dumped.pop("tune")
-    walk("", dumped)
-    return flat
+    return flatten_tree(dumped)
 
 
 def override_params(params: Params, values: dict[str, Any]) -> Params:
     """A validated copy of ``params`` with ``{"section.key": value}`` overrides applied."""
     raw = params.model_dump(mode="json")
     for key, value in values.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_dotted(raw, key, value)
     return params_from_dict(raw, source="overrides")

@@ -92,6 +92,26 @@ def dvc_lock() -> Path:
     return Path("dvc.lock")
 
 
+def pipeline_outputs() -> tuple[Path, ...]:
+    """What the pipeline itself writes in the repository (with the ``.gitignore`` files DVC adds there).
+
+    Changes under these do not make a run "dirty": only source and params count.
+    """
+    return (DATA_ROOT, MODELS_ROOT, REPORTS_ROOT, dvc_lock())
+
+
+def absolute_sqlite_url(url: str) -> str:
+    """A ``sqlite:///relative.db`` URL made absolute, other URLs unchanged.
+
+    DVC's queued experiments run in a temp copy and tuning workers in their own folders: a relative
+    sqlite path there would silently start a new, empty database.
+    """
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
+        return prefix + str(Path(url[len(prefix) :]).resolve())
+    return url
+
+
 def params_file() -> Path:
     return Path("params.yaml")
 

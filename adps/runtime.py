@@ -1,8 +1,8 @@
-"""Process-wide runtime settings: logging, progress bars, seeding."""
+"""Process-wide runtime settings: progress bars, seeding, threads and device."""
 
 from __future__ import annotations
 
-import logging
+import os
 import random
 import sys
 import threading
@@ -12,17 +12,6 @@ from contextlib import contextmanager
 import numpy as np
 
 from adps.config import Params
-
-
-def configure_logging(params: Params) -> None:
-    """Log to stderr at ``runtime.log_level``, once per process."""
-    logging.basicConfig(
-        level=params.runtime.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("great_expectations", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def progress_enabled(params: Params) -> bool:
@@ -48,13 +37,25 @@ def resolve_device(params: Params):
     return torch.device("cpu")
 
 
+def default_threads() -> int:
+    """What ``runtime.threads: 0`` means: ``OMP_NUM_THREADS`` when set, else the CPUs this process may use.
+
+    Set explicitly every time, so an earlier caller in the same process cannot change the result.
+    """
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+
+
 def setup_torch(params: Params):
-    """Seed everything, apply ``runtime.threads``, and return the device to run on."""
+    """Seed everything, ask for deterministic algorithms, apply ``runtime.threads``; return the device.
+
+    On CPU, the same params, data and thread count give bit-identical weights; another thread count
+    changes the order of float reductions and so the low bits (docs/results.md measures how much).
+    """
     import torch
 
     seed_everything(params.runtime.seed)
-    if params.runtime.threads:
-        torch.set_num_threads(params.runtime.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA kernels without a deterministic form warn
+    torch.set_num_threads(params.runtime.threads or default_threads())
     return resolve_device(params)
 
 

@@ -13,20 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from adps import paths
-from adps.config import Params
+from adps.config import METRIC_NAMES, Params
 from adps.data import layout, synthetic
 from adps.data.datasets import (
+    LabelledDataset,
     Normalizer,
-    TestDataset,
     TrainDataset,
-    ValidationDataset,
     load_rgb,
-    split_train_val,
 )
+from adps.data.splits import category_splits
 from adps.data.validation import validate_dataset
-from adps.errors import AdpsError, ValidationFailed
+from adps.errors import ValidationFailed
 from adps.evaluation import reports
-from adps.evaluation.predictions import Predictions, predict_dataset
+from adps.evaluation.predictions import predict_dataset, validation_predictions
 from adps.files import replace_dir_atomically, write_json_atomically, write_text_atomically
 from adps.model.backbones import calibrate_batchnorm, input_normalization, load_teacher_weights
 from adps.runtime import progress_enabled, seeded, setup_torch
@@ -142,16 +141,6 @@ def failures_csv(failures: list[dict[str, str]]) -> str:
     return pd.DataFrame(failures, columns=["file", "check", "reason"]).to_csv(index=False)
 
 
-def category_splits(params: Params, category: str) -> tuple[list, list, list]:
-    """(train, validation, test) samples of a category; validation = held-out normal train images."""
-    if category not in params.data.categories:
-        raise AdpsError(f"unknown category '{category}'; data.categories has: {', '.join(params.data.categories)}")
-    samples = layout.build_sample_index(paths.category_dir(params, category), category)
-    normal_train = [s for s in samples if s.split == "train" and s.label == 0]
-    train, val = split_train_val(normal_train, params.data.val_fraction, params.runtime.seed)
-    return train, val, [s for s in samples if s.split == "test"]
-
-
 def phase_fingerprint(params: Params, category: str, phase: str, train_samples: list) -> str:
     """Hash of what a phase's result depends on: params sections, category, training files."""
     sections = ["runtime", "data", "synthesis", "model", "loss"] + (["train"] if phase == "psm" else [])
@@ -166,8 +155,13 @@ def phase_fingerprint(params: Params, category: str, phase: str, train_samples: 
 
 
 def finish_phase(final: Path, model, spec: dict, history: list, category: str, phase: str, **meta: Any) -> None:
-    """Write the final checkpoint and history, then drop the resume file."""
-    save_checkpoint(final, model.cpu(), spec, phase=phase, history=history, **meta)
+    """Write the final checkpoint and history, then drop the resume file.
+
+    The checkpoint's history leaves out wall-clock seconds, so the same params and data give a
+    byte-identical checkpoint (and DVC hash) from either front-end; the report keeps them.
+    """
+    losses = [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
+    save_checkpoint(final, model.cpu(), spec, phase=phase, history=losses, **meta)
     write_json_atomically(paths.train_history(category, phase), history)
     paths.resume_checkpoint(final).unlink(missing_ok=True)
 
@@ -266,12 +260,6 @@ def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) ->
     }
 
 
-def validation_predictions(params: Params, model, val: list, device) -> Predictions:
-    """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed)."""
-    dataset = ValidationDataset(val, params, params.runtime.seed + 2)
-    return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress_enabled(params))
-
-
 def evaluate(params: Params, category: str) -> dict[str, Any]:
     """Stage ``evaluate@C``: thresholds on the validation split, metrics, curves and heatmaps on test.
 
@@ -282,8 +270,8 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     model, checkpoint = load_model(paths.psm_checkpoint(category))
     model.to(device).set_scoring(**params.score.model_dump())
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
-    val_pred = validation_predictions(params, model, val, device)
-    test_pred = predict_dataset(model, TestDataset(test, params), batch, device, progress)
+    val_pred = validation_predictions(model, val, params, device, progress)
+    test_pred = predict_dataset(model, LabelledDataset(test, params), batch, device, progress)
     thresholds = reports.calibrate(val_pred, params.threshold, params.score.model_dump(mode="json"))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
@@ -297,7 +285,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
         params.data.image_size,
     )
     write_json_atomically(paths.metrics_file(category), metrics)
-    return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in reports.HEADLINE}}
+    return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in METRIC_NAMES}}
 
 
 def register(params: Params, category: str) -> dict[str, Any]:
@@ -321,12 +309,5 @@ def summarize(params: Params) -> dict[str, Any]:
         path = paths.metrics_file(category)
         if path.is_file():
             metrics = json.loads(path.read_text())
-            rows[category] = {k: metrics.get(k) for k in reports.HEADLINE}
+            rows[category] = {k: metrics.get(k) for k in METRIC_NAMES}
     return rows
-
-
-def tune(params: Params, category: str, n_trials: int | None = None, workers: int = 1) -> dict[str, Any]:
-    """Optuna study of the category on the validation split; writes reports/tuning/C/best_params.yaml."""
-    from adps import tuning
-
-    return tuning.tune(params, category, n_trials, workers)

@@ -7,6 +7,7 @@ moved by the MLflow UI, by :func:`promote`, or automatically (``registry.auto_pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,15 +15,17 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from adps import paths
-from adps.config import Params, flatten_params
+from adps.config import METRIC_NAMES, Params, flatten_params
 from adps.errors import AdpsError
 from adps.files import write_json_atomically
 
@@ -56,11 +59,7 @@ def model_name(category: str) -> str:
 
 def tracking_uri(params: Params) -> str:
     """``MLFLOW_TRACKING_URI`` or ``tracking.uri``; relative sqlite paths made absolute (DVC temp dirs)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
+    return paths.absolute_sqlite_url(os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -98,12 +97,16 @@ def model_hash(category: str) -> str:
 
 
 def git_tags() -> dict[str, str]:
+    """The commit, and whether source or params differ from it (the pipeline's own outputs do not count)."""
+
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
-    return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
+    outputs = [f":(exclude){path}" for path in paths.pipeline_outputs()]
+    changed = git("status", "--porcelain", "--", ".", *outputs)
+    return {"git_commit": commit or "unknown", "git_dirty": str(bool(changed)).lower() if commit else "unknown"}
 
 
 def dvc_out_hashes(params: Params, category: str) -> dict[str, str]:
@@ -255,10 +258,7 @@ def register(params: Params, category: str) -> dict[str, Any]:
         info = log_pyfunc(category)
     version_tags = {
         **tags,
-        **{
-            k: str(metrics.get(k))
-            for k in ("image_auroc", "pixel_ap", "pixel_auroc", "aupro", "image_ap", "pixel_f1_max")
-        },
+        **{k: str(metrics.get(k)) for k in METRIC_NAMES},
     }
     version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -306,3 +306,54 @@ def load_registered_predictor(uri: str):
         raise AdpsError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {err.message}") from err
     except (AdpsError, KeyError, OSError) as err:
         raise AdpsError(f"{uri} loaded but its model files are unusable ({err}); register it again.") from err
+
+
+def study_parent_run(params: Params, study: str, category: str) -> str:
+    """The parent MLflow run of an Optuna study (tag ``optuna_study``): reused when the study is continued."""
+    import mlflow
+
+    mlflow.set_experiment(params.tracking.experiment)
+    found = mlflow.search_runs(filter_string=f"tags.optuna_study = '{study}'", output_format="list")
+    if found:
+        return found[0].info.run_id
+    with mlflow.start_run(run_name=study, tags={"optuna_study": study, "category": category}) as run:
+        return run.info.run_id
+
+
+@contextlib.contextmanager
+def trial_run(parent_run_id: str, number: int, category: str, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A nested run for one tuning trial; the caller fills the yielded dict with ``state`` and ``value``."""
+    import mlflow
+
+    outcome: dict[str, Any] = {"state": "FAIL"}
+    started = time.perf_counter()
+    with mlflow.start_run(run_name=f"trial-{number}", parent_run_id=parent_run_id, nested=True):
+        mlflow.log_params({k: str(v) for k, v in values.items()})
+        mlflow.set_tags({"optuna_trial": str(number), "category": category})
+        try:
+            yield outcome
+        finally:
+            mlflow.set_tag("state", outcome["state"])
+            if "value" in outcome:
+                mlflow.log_metric("value", outcome["value"])
+            mlflow.log_metric("duration_s", time.perf_counter() - started)
+
+
+def log_study_summary(
+    parent_run_id: str,
+    best: dict[str, Any],
+    best_value: float,
+    best_params_file: Path,
+    importances: dict[str, float] | None,
+    history_figure: Any,
+) -> None:
+    """Best params and value, the best-params file, parameter importances and the history plot on the parent run."""
+    import mlflow
+
+    with mlflow.start_run(run_id=parent_run_id):
+        mlflow.log_params({f"best.{k}": str(v) for k, v in best.items()})
+        mlflow.log_metric("best_value", best_value)
+        mlflow.log_artifact(str(best_params_file))
+        if importances is not None:
+            mlflow.log_dict(importances, "param_importances.json")
+        mlflow.log_figure(history_figure, "optimization_history.png")

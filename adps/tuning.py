@@ -15,8 +15,8 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,18 +25,22 @@ import numpy as np
 import optuna
 import yaml
 
-from adps import paths, stages
+from adps import paths, stages, tracking
 from adps.config import (
     CategoricalDistribution,
     FloatDistribution,
     Params,
     flatten_params,
+    flatten_tree,
+    nest_dotted,
     override_params,
     params_from_dict,
+    set_dotted,
 )
+from adps.data.splits import category_splits
 from adps.errors import AdpsError
 from adps.evaluation.metrics import decision_metrics, detection_metrics
-from adps.evaluation.predictions import Predictions
+from adps.evaluation.predictions import Predictions, validation_predictions
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
 from adps.training.checkpoints import load_model
@@ -50,10 +54,7 @@ def study_name(params: Params, category: str) -> str:
 
 def storage_url(params: Params) -> str:
     """``tune.storage`` with a relative sqlite path made absolute (workers and temp dirs share it)."""
-    url, prefix = params.tune.storage, "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
-        url = prefix + str(Path(url[len(prefix) :]).resolve())
-    return url
+    return paths.absolute_sqlite_url(params.tune.storage)
 
 
 def load_study(params: Params, category: str) -> optuna.Study:
@@ -129,9 +130,9 @@ def validation_value(model, params: Params, category: str) -> float:
 
     device = next(model.parameters()).device
     model.eval().set_scoring(**params.score.model_dump())
-    _, val, _ = stages.category_splits(params, category)
+    _, val, _ = category_splits(params, category)
     with torch.no_grad():
-        pred = stages.validation_predictions(params, model, val, device)
+        pred = validation_predictions(model, val, params, device)
     if not np.isfinite(pred.maps).all():  # diverged training: NaN lets the pruner stop the trial
         return float("nan")
     if params.tune.objective == "decision_f1":
@@ -162,26 +163,16 @@ class Objective:
         self.project_root, self.parent_run_id = project_root, parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> float:
-        import mlflow
-
         values = suggest(trial, self.params)
         params = trial_params(self.params, values)
-        started = time.perf_counter()
-        with mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True):
-            mlflow.log_params({k: str(v) for k, v in values.items()})
-            mlflow.set_tags({"optuna_trial": str(trial.number), "category": self.category})
-            state = "FAIL"
+        with tracking.trial_run(self.parent_run_id, trial.number, self.category, values) as outcome:
             try:
-                value = self.train_and_score(trial, params)
-                state = "COMPLETE"
-                mlflow.log_metric("value", value)
-                return value
+                outcome["value"] = self.train_and_score(trial, params)
+                outcome["state"] = "COMPLETE"
+                return outcome["value"]
             except optuna.TrialPruned:
-                state = "PRUNED"
+                outcome["state"] = "PRUNED"
                 raise
-            finally:
-                mlflow.set_tag("state", state)
-                mlflow.log_metric("duration_s", time.perf_counter() - started)
 
     def train_and_score(self, trial: optuna.Trial, params: Params) -> float:
         def report(epoch: int, model) -> None:
@@ -199,33 +190,24 @@ class Objective:
 
 
 def optimize_worker(
-    raw_params: dict[str, Any], category: str, n_trials: int, parent_run_id: str, project_root: str, tracking_uri: str
+    raw_params: dict[str, Any], category: str, n_trials: int, parent_run_id: str, project_root: str
 ) -> None:
-    """One worker process: run ``n_trials`` trials of the shared study."""
-    import mlflow
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """One worker process (its entry point): run ``n_trials`` trials of the shared study."""
     params = params_from_dict(raw_params)
-    mlflow.set_tracking_uri(tracking_uri)
+    log_to_stderr(params.runtime.log_level)
+    tracking.connect(params)
     study = load_study(params, category)
     objective = Objective(params, category, Path(project_root), parent_run_id)
     study.optimize(objective, n_trials=n_trials, timeout=params.tune.timeout, catch=(Exception,))
 
 
-def parent_run(params: Params, category: str) -> str:
-    """The study's parent MLflow run: reused when the study is continued."""
-    import mlflow
-
-    from adps import tracking
-
-    tracking.connect(params)
-    mlflow.set_experiment(params.tracking.experiment)
-    name = study_name(params, category)
-    found = mlflow.search_runs(filter_string=f"tags.optuna_study = '{name}'", output_format="list")
-    if found:
-        return found[0].info.run_id
-    with mlflow.start_run(run_name=name, tags={"optuna_study": name, "category": category}) as run:
-        return run.info.run_id
+def log_to_stderr(level: str) -> None:
+    """Show this package's log records on stderr in a worker process (the process's only handler)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    package = logging.getLogger("adps")
+    package.addHandler(handler)
+    package.setLevel(level)
 
 
 def current_values(params: Params) -> dict[str, Any]:
@@ -245,14 +227,12 @@ def current_values(params: Params) -> dict[str, Any]:
 
 def run_workers(params: Params, category: str, n_trials: int, workers: int, parent_id: str) -> None:
     """Share ``n_trials`` among ``workers`` processes on the shared study and wait for them."""
-    import mlflow
-
     study = load_study(params, category)  # create it once, before the workers race to
     if not study.trials:  # the first trial of a new study measures the current params
         study.enqueue_trial(current_values(params), user_attrs={"baseline": True})
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     common = (params.model_dump(mode="json"), category)
-    rest = (parent_id, str(Path.cwd()), mlflow.get_tracking_uri())
+    rest = (parent_id, str(Path.cwd()))
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=optimize_worker, args=(*common, n, *rest)) for n in shares if n]
     for process in processes:
@@ -270,36 +250,21 @@ def best_values(study: optuna.Study) -> dict[str, Any]:
         raise AdpsError(f"study {study.study_name} has no completed trial yet: {err}") from err
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 def dvc_exp_command(best: dict[str, Any]) -> str:
     return "dvc exp run " + " ".join(f"-S '{k}={v}'" for k, v in best.items())
 
 
 def summarise_study(params: Params, category: str, parent_id: str) -> dict[str, Any]:
     """Best params file, trials table, and the parent run's best params, importances and history plot."""
-    import mlflow
-
     study = load_study(params, category)
     best = best_values(study)
     override_params(params, best)  # the best params are valid against the schema
-    write_text_atomically(paths.best_params_file(category), yaml.safe_dump(nest(best), sort_keys=True))
+    write_text_atomically(paths.best_params_file(category), yaml.safe_dump(nest_dotted(best), sort_keys=True))
     trials = study.trials_dataframe()
     write_text_atomically(paths.tuning_dir(category) / "trials.csv", trials.to_csv(index=False))
-    with mlflow.start_run(run_id=parent_id):
-        mlflow.log_params({f"best.{k}": str(v) for k, v in best.items()})
-        mlflow.log_metric("best_value", study.best_value)
-        mlflow.log_artifact(str(paths.best_params_file(category)))
-        log_importances_and_history(study)
+    tracking.log_study_summary(
+        parent_id, best, study.best_value, paths.best_params_file(category), importances(study), history_figure(study)
+    )
     states = trials["state"].value_counts().to_dict() if not trials.empty else {}
     baseline = next((t.value for t in study.trials if t.user_attrs.get("baseline")), None)
     return {
@@ -314,28 +279,35 @@ def summarise_study(params: Params, category: str, parent_id: str) -> dict[str, 
     }
 
 
-def log_importances_and_history(study: optuna.Study) -> None:
+def importances(study: optuna.Study) -> dict[str, float] | None:
+    """fANOVA parameter importances, or None when fewer than two trials completed or they cannot be told apart."""
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(completed) < 2:
+        return None
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError) as err:  # e.g. every trial had the same value
+        logger.warning("no parameter importances: %s", err)
+        return None
+
+
+def history_figure(study: optuna.Study):
+    """Optuna's optimisation-history plot as a matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import mlflow
     from optuna.visualization.matplotlib import plot_optimization_history
 
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(completed) >= 2:
-        try:
-            importances = optuna.importance.get_param_importances(study)
-            mlflow.log_dict({k: float(v) for k, v in importances.items()}, "param_importances.json")
-        except (RuntimeError, ValueError) as err:  # e.g. every trial had the same value
-            logger.warning("no parameter importances: %s", err)
-    axes = plot_optimization_history(study)
-    mlflow.log_figure(axes.figure, "optimization_history.png")
+    return plot_optimization_history(study).figure
 
 
 def tune(params: Params, category: str, n_trials: int | None = None, workers: int = 1) -> dict[str, Any]:
     """Run ``n_trials`` (default ``tune.n_trials``) more trials of the category's study on ``workers`` processes."""
-    stages.category_splits(params, category)  # unknown category: fail before starting anything
-    parent_id = parent_run(params, category)
+    category_splits(params, category)  # unknown category: fail before starting anything
+    if not params.tune.space:
+        raise AdpsError("tune.space is empty: name the parameters to tune in params.yaml (see its tune.space)")
+    tracking.connect(params)
+    parent_id = tracking.study_parent_run(params, study_name(params, category), category)
     run_workers(params, category, n_trials or params.tune.n_trials, workers, parent_id)
     return summarise_study(params, category, parent_id)
 
@@ -355,13 +327,9 @@ def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
     )
     document = yaml_rt.load(params_path.read_text())
     current = flatten_params(params_from_dict(yaml.safe_load(params_path.read_text()), source=str(params_path)))
-    flat = {k: v for k, v in flatten_nested(best).items() if current.get(k) != v}  # touch only what changes
+    flat = {k: v for k, v in flatten_tree(best).items() if current.get(k) != v}  # touch only what changes
     for key, value in flat.items():
-        node = document
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_dotted(document, key, value)
     from io import StringIO
 
     buffer = StringIO()
@@ -369,13 +337,3 @@ def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
     params_from_dict(yaml.safe_load(buffer.getvalue()), source=str(params_path))  # still valid
     write_text_atomically(params_path, buffer.getvalue())
     return {"params": str(params_path), "applied": flat}
-
-
-def flatten_nested(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            flat.update(flatten_nested(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

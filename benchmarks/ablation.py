@@ -27,7 +27,8 @@ import yaml
 
 from adps import paths, stages
 from adps.config import params_from_dict
-from adps.data.datasets import TestDataset
+from adps.data.datasets import LabelledDataset
+from adps.data.splits import category_splits
 from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
 from adps.model.adps import cosine_anomaly_map
@@ -84,8 +85,10 @@ def student_only_metrics(params, category: str) -> dict[str, float]:
     device = setup_torch(params)
     model, _ = load_model(paths.student_checkpoint(category))
     model.to(device).set_scoring(**params.score.model_dump())
-    _, _, test = stages.category_splits(params, category)
-    pred = predict_dataset(model, TestDataset(test, params), params.evaluation.batch_size, device, map_fn=cosine_maps)
+    _, _, test = category_splits(params, category)
+    pred = predict_dataset(
+        model, LabelledDataset(test, params), params.evaluation.batch_size, device, map_fn=cosine_maps
+    )
     return detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
 
 

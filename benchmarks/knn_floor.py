@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from adps import stages
 from adps.config import Params, load_params
-from adps.data.datasets import TestDataset
+from adps.data.datasets import LabelledDataset
+from adps.data.splits import category_splits
 from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
 from adps.model.adps import AdpsModel
@@ -58,10 +59,10 @@ def knn_floor(params: Params, category: str) -> dict[str, float]:
     model = AdpsModel(params.model.backbone, 1, (0,), params.model.psm_head_channels).eval()
     model.set_scoring(**params.score.model_dump())
     record = load_teacher_weights(model.teacher.net, params.model.backbone, params.model.teacher_weights)
-    train, _, test = stages.category_splits(params, category)
+    train, _, test = category_splits(params, category)
     bank = feature_bank(model, params, train)
     pred = predict_dataset(
-        model, TestDataset(test, params), params.evaluation.batch_size, torch.device("cpu"), map_fn=knn_maps(bank)
+        model, LabelledDataset(test, params), params.evaluation.batch_size, torch.device("cpu"), map_fn=knn_maps(bank)
     )
     metrics = detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
     return {**metrics, "teacher_weights": record}

@@ -7,11 +7,11 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from adps import stages
+from adps import tuning
 from adps.config import DEFAULT_PARAMS_PATH
 from flows.pipeline import stage_task
 
-tune_task = stage_task(stages.tune)
+tune_task = stage_task(tuning.tune)
 
 
 @flow(name="adps-tune", log_prints=True)

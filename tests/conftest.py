@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -132,3 +133,20 @@ def make_dvc_project(root: Path, env: dict[str, str], **params: dict[str, Any]) 
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny project"], root, env)
     return root
+
+
+def output_digests(root: Path, category: str = "washer") -> dict[str, str]:
+    """sha256 of a category's model files and metrics, to compare two runs of the same params."""
+    files = [root / "models" / category / name for name in ("student.pt", "psm.pt", "thresholds.json")]
+    files.append(root / "reports" / "metrics" / f"{category}.json")
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@pytest.fixture(scope="session")
+def repro_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str, dict[str, str]]:
+    """A tiny DVC project (washer) after one `dvc repro`: (root, env, its output, digests of its outputs)."""
+    root = tmp_path_factory.mktemp("dvcproj")
+    env = project_env(root)
+    make_dvc_project(root, env)
+    out = run(["dvc", "repro"], root, env)
+    return root, env, out, output_digests(root)

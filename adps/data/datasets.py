@@ -95,7 +95,7 @@ class TrainDataset(Dataset):
         }
 
 
-class TestDataset(Dataset):
+class LabelledDataset(Dataset):
     """Test images with their ground truth: ``image``, ``mask`` (1, H, W), ``label``, ``path``."""
 
     def __init__(self, samples: Sequence[Sample], params: Params):

@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from adps.config import Params
+from adps.data.datasets import ValidationDataset
 from adps.model.adps import AdpsModel
 
 MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -54,3 +56,11 @@ def predict_dataset(
     return Predictions(
         np.concatenate(maps), np.concatenate(scores), np.concatenate(masks), np.concatenate(labels), paths
     )
+
+
+def validation_predictions(
+    model: AdpsModel, val: list, params: Params, device: torch.device, progress: bool = False
+) -> Predictions:
+    """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed)."""
+    dataset = ValidationDataset(val, params, params.runtime.seed + 2)
+    return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress)

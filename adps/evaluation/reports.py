@@ -16,8 +16,6 @@ from adps.evaluation.predictions import Predictions
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_json_atomically
 
-HEADLINE = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max")
-
 
 def calibrate(val: Predictions, cfg: ThresholdParams, score: dict[str, Any]) -> dict[str, Any]:
     """Image and pixel thresholds from the validation split, how they were chosen, and the scoring they assume."""

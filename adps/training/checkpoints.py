@@ -7,6 +7,7 @@ model (no params.yaml needed): it carries the model and preprocessing params.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import platform
 from pathlib import Path
@@ -70,7 +71,9 @@ def versions() -> dict[str, str]:
 def save_checkpoint(path: Path, model: AdpsModel, spec: dict[str, Any], **extra: Any) -> Path:
     """Write weights, spec, versions and ``extra`` (phase, epoch, optimizer state...) atomically."""
     payload = {"format": FORMAT_VERSION, "spec": spec, "versions": versions(), "state": model.state_dict(), **extra}
-    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()  # saved through a buffer: the archive is named "archive", not after the temp file,
+    torch.save(payload, buffer)  # so equal contents give byte-identical files (and equal DVC hashes)
+    return write_atomically(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

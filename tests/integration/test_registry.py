@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from adps import paths, stages, tracking
+from adps.errors import AdpsError
 from adps.inference import Predictor
 from tests.conftest import tiny_params
 
@@ -84,7 +85,7 @@ def test_auto_promotion_and_manual_promote(store):
         assert set(third["aliases"]) == {"challenger", "champion"}
         stages.promote(params, "washer", "1")
         assert str(store.get_model_version_by_alias("adps-washer", "champion").version) == "1"
-        with pytest.raises(Exception, match="has no version 9"):
+        with pytest.raises(AdpsError, match="has no version 9"):
             stages.promote(params, "washer", "9")
     finally:
         for path, data in saved.items():

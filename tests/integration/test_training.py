@@ -61,17 +61,24 @@ def test_checkpoint_alone_rebuilds_the_model(trained, monkeypatch):
 
 
 def test_predictor_scores_match_evaluation(trained, monkeypatch):
-    """The deployable model folder gives the same scores as the evaluation stage."""
+    """The deployable model folder scores as an independently loaded checkpoint and as the evaluation stage."""
+    from sklearn.metrics import roc_auc_score
+
+    from adps.data.datasets import LabelledDataset
+    from adps.data.splits import category_splits
+    from adps.evaluation.predictions import predict_dataset
+
     root, _ = trained
     monkeypatch.chdir(root)
     predictor = Predictor.from_dir(paths.model_dir("washer"))
-    from adps.data.datasets import TestDataset
-    from adps.evaluation.predictions import predict_dataset
-
-    _, _, test = stages.category_splits(tiny_params(), "washer")
-    expected = predict_dataset(predictor.model, TestDataset(test, tiny_params()), 8, torch.device("cpu"))
+    model, _ = load_model(paths.psm_checkpoint("washer"))  # a second, independent copy of the weights
+    model.set_scoring(**json.loads(paths.thresholds_file("washer").read_text())["score"])
+    _, _, test = category_splits(tiny_params(), "washer")
+    expected = predict_dataset(model, LabelledDataset(test, tiny_params()), 8, torch.device("cpu"))
     got = predictor.predict_paths([s.image_path for s in test])
     np.testing.assert_allclose([r.score for r in got], expected.scores, rtol=1e-5, atol=1e-6)
+    metrics = json.loads(paths.metrics_file("washer").read_text())
+    assert roc_auc_score(expected.labels, [r.score for r in got]) == pytest.approx(metrics["image_auroc"], abs=1e-9)
 
 
 def test_psm_refuses_a_student_trained_with_other_model_params(trained, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from adps import paths, stages
+from adps import paths, tuning
 from adps.config import override_params
 from adps.errors import AdpsError
 from adps.tuning import apply_best_params, load_study
@@ -60,7 +60,7 @@ def runs_of(client, study: str):
 def test_three_trial_study_then_resume(tuning_project, tmp_path):
     _, client = tuning_project
     params = tune_params(tmp_path)
-    result = stages.tune(params, "washer")
+    result = tuning.tune(params, "washer")
     study = load_study(params, "washer")
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)  # test files never read
@@ -77,7 +77,7 @@ def test_three_trial_study_then_resume(tuning_project, tmp_path):
     assert {"optimization_history.png", "best_params.yaml"} <= artifacts
     assert "dvc exp run -S 'loss.push_weight=" in result["dvc_exp_run"]
 
-    again = stages.tune(params, "washer", n_trials=2, workers=2)  # two processes share the study
+    again = tuning.tune(params, "washer", n_trials=2, workers=2)  # two processes share the study
     assert again["n_trials"] == 5
     parents, children = runs_of(client, "adps-washer")
     assert len(parents) == 1 and len(children) == 5
@@ -99,7 +99,7 @@ def test_pruner_stops_a_deliberately_bad_trial(tuning_project, tmp_path):
     study.enqueue_trial(
         {"train.psm.lr": 1.0e-7, "loss.push_weight": 1.0, "score.method": "max", "threshold.strategy": "f1"}
     )
-    result = stages.tune(params, "washer", n_trials=1)
+    result = tuning.tune(params, "washer", n_trials=1)
     assert result["states"] == {"COMPLETE": 2, "PRUNED": 1}
     last = load_study(params, "washer").trials[-1]
     assert last.state == optuna.trial.TrialState.PRUNED and list(last.intermediate_values) == [1]
@@ -109,7 +109,7 @@ def test_failing_trial_is_recorded_as_failed(tuning_project, tmp_path):
     space = {**SPACE, "model.patches": {"type": "categorical", "choices": [3]}}  # impossible geometry
     params = tune_params(tmp_path, space=space, study_name="fail")
     with pytest.raises(AdpsError, match="no completed trial"):
-        stages.tune(params, "washer", n_trials=1)
+        tuning.tune(params, "washer", n_trials=1)
     assert load_study(params, "washer").trials[0].state == optuna.trial.TrialState.FAIL
 
 

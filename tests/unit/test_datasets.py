@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from adps.data.datasets import TestDataset as EvalDataset
-from adps.data.datasets import TrainDataset, load_rgb
+from adps.data.datasets import LabelledDataset, TrainDataset, load_rgb
 from adps.data.layout import build_sample_index
 from adps.errors import ImageReadError
 from tests.conftest import tiny_params
@@ -38,7 +37,7 @@ def test_train_images_are_normalised(samples):
 
 def test_test_items_carry_mask_label_and_path(samples):
     test = [s for s in samples if s.split == "test"]
-    ds = EvalDataset(test, tiny_params())
+    ds = LabelledDataset(test, tiny_params())
     for i, s in enumerate(test):
         item = ds[i]
         assert item["path"] == str(s.image_path) and item["label"] == s.label
