@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from mlflow import MlflowClient
 
 from tests.conftest import run, write_params
 
@@ -29,6 +30,8 @@ def test_repro_runs_every_stage_and_writes_metrics(dvc_project):
     }
     registry = json.loads((root / "reports/registry/washer.json").read_text())
     assert registry["model"] == "adps-washer" and "challenger" in registry["aliases"]
+    run_tags = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(registry["run_id"]).data.tags
+    assert run_tags["git_dirty"] == "false"  # a clean checkout: the run's own outputs do not count
 
 
 def test_second_repro_is_a_noop_and_status_is_clean(dvc_project):

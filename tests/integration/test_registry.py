@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from adps import paths, stages, tracking
 from adps.errors import AdpsError
 from adps.inference import Predictor
-from tests.conftest import tiny_params
+from tests.conftest import project_env, run, tiny_params
 
 
 @pytest.fixture
@@ -102,3 +102,24 @@ def test_unreachable_server_is_a_clear_error_and_keeps_local_outputs(trained_pro
     with pytest.raises(tracking.TrackingUnavailable, match=r"unreachable.*make up"):
         stages.register(tiny_params(), "washer")
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_git_dirty_counts_source_and_params_not_pipeline_outputs(tmp_path, monkeypatch):
+    env = project_env(tmp_path)
+    (tmp_path / "adps").mkdir()
+    (tmp_path / "adps" / "stage.py").write_text("x = 1\n")
+    (tmp_path / "params.yaml").write_text("runtime: {seed: 1}\n")
+    run(["git", "init", "-q"], tmp_path, env)
+    run(["git", "add", "-A"], tmp_path, env)
+    run(["git", "commit", "-qm", "c"], tmp_path, env)
+    monkeypatch.chdir(tmp_path)
+    for output in ("data/synthetic/a.png", "data/.gitignore", "models/washer/psm.pt", "reports/metrics/w.json"):
+        (tmp_path / output).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / output).write_text("written by the pipeline")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    assert tracking.git_tags()["git_dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("runtime: {seed: 2}\n")
+    assert tracking.git_tags()["git_dirty"] == "true"
+    run(["git", "checkout", "params.yaml"], tmp_path, env)
+    (tmp_path / "adps" / "new_module.py").write_text("y = 2\n")  # untracked source counts too
+    assert tracking.git_tags()["git_dirty"] == "true"

@@ -107,14 +107,17 @@ def test_teacher_weights_choices(tmp_path: Path, caplog):
 
 
 def test_imagenet_offline_is_a_clear_error_and_auto_falls_back(monkeypatch, tmp_path, caplog):
+    """The same path on every machine: an empty cache and a proxy that refuses connections make a real,
+    failing download attempt, with or without internet."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: weights must be downloaded
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # discard port: connection refused
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     teacher = Teacher("resnet18")
-    try:
-        record = load_teacher_weights(teacher.net, "resnet18", "imagenet")
-    except TeacherWeightsError as err:
-        assert "'none'" in str(err) and "'auto'" in str(err) and "file path" in str(err)
-    else:  # a machine with internet: the weights were downloaded for real
-        assert record.startswith("imagenet")
-        return
+    with pytest.raises(TeacherWeightsError) as err:
+        load_teacher_weights(teacher.net, "resnet18", "imagenet")
+    assert "'none'" in str(err.value) and "'auto'" in str(err.value) and "file path" in str(err.value)
+    assert "efficientnet_lite0" in str(err.value)
     record = load_teacher_weights(teacher.net, "resnet18", "auto")
     assert "random init" in record and "RANDOM INIT" in caplog.text
