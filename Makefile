@@ -26,7 +26,7 @@ run: setup  ## run the whole pipeline (dvc repro) on the embedded dataset and pr
 	$(BIN)/adps report
 
 test: setup  ## run ruff, the import contracts (pyproject.toml) and the test suite
-	$(BIN)/ruff check adps flows tests benchmarks
+	$(BIN)/ruff check adps flows tests benchmarks scripts
 	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/pytest
 
@@ -37,8 +37,8 @@ down:  ## stop what `make up` started
 	BIN=$(BIN) scripts/services.sh down
 
 lint: setup  ## ruff check + format check
-	$(BIN)/ruff check adps flows tests benchmarks
-	$(BIN)/ruff format --check adps flows tests benchmarks
+	$(BIN)/ruff check adps flows tests benchmarks scripts
+	$(BIN)/ruff format --check adps flows tests benchmarks scripts
 
 clean:  ## remove generated data, models and reports (not the venv)
 	rm -rf data models reports mlflow.db mlartifacts optuna.db
