@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,6 @@ from adps.errors import AdpsError, ValidationFailed
 from adps.inference import Predictor, predict_to_folder
 
 app = typer.Typer(
-    help="ADPS anomaly detection pipeline: prepare data, validate, train, evaluate, predict.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -36,12 +36,22 @@ def configure_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path, *args: Any) -> dict[str, Any]:
-    """Load params, run one stage, print its result; user errors become a message and exit 1."""
+DEBUG = {"on": False}
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of unexpected errors.")] = False,
+) -> None:
+    """ADPS anomaly detection pipeline: prepare data, validate, train, evaluate, predict."""
+    DEBUG["on"] = debug
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """User errors become one message and exit 1; anything unexpected exits 2 (traceback with --debug)."""
     try:
-        params = load_params(params_path)
-        configure_logging(params.runtime.log_level)
-        result = stage(params, *args)
+        yield
     except ValidationFailed as err:
         print_failures(err.failures)
         console.print(f"[bold red]error:[/] {err}")
@@ -49,6 +59,22 @@ def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path, *args: An
     except AdpsError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(1) from None
+    except Exception as err:
+        if DEBUG["on"] or logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        console.print(
+            f"[bold red]error:[/] unexpected {type(err).__name__}: {err}\n"
+            "Run the same command as `adps --debug ...` to see the traceback."
+        )
+        raise typer.Exit(2) from None
+
+
+def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path, *args: Any) -> dict[str, Any]:
+    """Load params, run one stage, print its result; errors are reported by :func:`reported_errors`."""
+    with reported_errors():
+        params = load_params(params_path)
+        configure_logging(params.runtime.log_level)
+        result = stage(params, *args)
     typer.echo(json.dumps(result, indent=2, default=str))
     return result
 
@@ -114,8 +140,10 @@ def promote(
 @app.command()
 def tune(
     category: CategoryOption,
-    trials: Annotated[int | None, typer.Option("--trials", "-n", help="Trials to add (default tune.n_trials).")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes sharing the study.")] = 1,
+    trials: Annotated[
+        int | None, typer.Option("--trials", "-n", min=1, help="Trials to add (default tune.n_trials).")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes sharing the study.")] = 1,
     apply: Annotated[
         bool, typer.Option("--apply", help="Write the best params into the params file and stop.")
     ] = False,
@@ -134,11 +162,8 @@ def tune(
 @app.command()
 def report(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Print the per-category metrics table (from reports/metrics) and where to look next."""
-    try:
+    with reported_errors():
         rows = stages.summarize(load_params(params))
-    except AdpsError as err:
-        console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(1) from None
     table = Table(title="ADPS test metrics per category")
     table.add_column("category")
     columns = list(next(iter(rows.values()), {}))
@@ -147,14 +172,20 @@ def report(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     for category, values in rows.items():
         table.add_row(category, *[f"{values[c]:.3f}" if values[c] is not None else "-" for c in columns])
     if len(rows) > 1:
-        means = [sum(r[c] or 0.0 for r in rows.values()) / len(rows) for c in columns]
-        table.add_row("mean", *[f"{m:.3f}" for m in means], style="bold")
+        means = [mean_of([r[c] for r in rows.values()]) for c in columns]
+        table.add_row("mean", *[f"{m:.3f}" if m is not None else "-" for m in means], style="bold")
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     typer.echo("Heatmaps: reports/heatmaps/<category>/  Curves: dvc plots show  Metrics: dvc metrics show")
     typer.echo(
         "MLflow UI: make up (or: mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000), "
         "then open http://127.0.0.1:5000"
     )
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    """Mean of the values present (a category without a metric does not count as 0)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def load_predictor(model: str, params_path: Path, device: str) -> Predictor:
@@ -165,7 +196,7 @@ def load_predictor(model: str, params_path: Path, device: str) -> Predictor:
 
     params = load_params(params_path) if params_path.is_file() else Params()
     tracking.connect(params)
-    return tracking.load_registered_predictor(model)
+    return tracking.load_registered_predictor(model).to(device)
 
 
 @app.command()
@@ -175,20 +206,17 @@ def predict(
     ],
     input: Annotated[Path, typer.Option("--input", "-i", help="An image file or a folder of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for predictions.csv and heatmaps/.")],
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     params: Annotated[Path, typer.Option("--params", "-p", help="Params file, for tracking.uri only.")] = (
         DEFAULT_PARAMS_PATH
     ),
 ) -> None:
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
     configure_logging()
-    try:
+    with reported_errors():
         predictor = load_predictor(model, params, device)
         result = predict_to_folder(predictor, input, output, batch_size, progress=sys.stderr.isatty())
-    except AdpsError as err:
-        console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(1) from None
     typer.echo(json.dumps(result, indent=2))
 
 

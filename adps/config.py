@@ -20,6 +20,8 @@ DEFAULT_PARAMS_PATH = Path("params.yaml")
 SYNTHETIC_CATEGORIES = ("fabric", "wood", "washer", "capsule")
 SYNTHETIC_DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "contamination")
 
+# A category names a folder, a DVC stage (distill@C) and a registered model (adps-C): no path parts.
+CategoryName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 MetricName = Literal["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max"]
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)  # the headline test metrics, in table order
 
@@ -55,7 +57,7 @@ class FolderImportParams(Section):
 
 class DataParams(Section):
     source: Literal["synthetic", "mvtec", "kolektor", "folder"] = "synthetic"
-    categories: tuple[str, ...] = Field(SYNTHETIC_CATEGORIES, min_length=1)
+    categories: tuple[CategoryName, ...] = Field(SYNTHETIC_CATEGORIES, min_length=1)
     import_path: Path | None = None
     folder: FolderImportParams = FolderImportParams()
     image_size: int = Field(128, ge=32, le=1024, multiple_of=32)
@@ -119,7 +121,7 @@ class ModelParams(Section):
     patches: int = Field(4, ge=1, le=16)
     split_after: tuple[Literal[0, 1, 2], ...] = (0,)
     teacher_bn_calibration: bool = True
-    psm_head_channels: tuple[int, int] = (32, 16)
+    psm_head_channels: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (32, 16)
 
     @model_validator(mode="after")
     def _check_weights(self) -> ModelParams:
@@ -306,9 +308,13 @@ def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}. Run from the project root or pass --params PATH.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path} is not UTF-8 text ({err}); save it as UTF-8.") from err
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    if raw is None:
+        raise ParamsError(f"{path} is empty: copy the project's params.yaml and edit it (defaults are never implied).")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return params_from_dict(raw, source=str(path))

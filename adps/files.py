@@ -1,7 +1,13 @@
-"""Atomic file and folder writes: a crash or a bad input never leaves a half-written output."""
+"""Atomic writes: a temp file or folder next to the target, renamed over it only when complete.
+
+Temp names are ``.<target name>.<random>.tmp``; a killed run leaves one behind, and the next write
+of the same target removes it (:func:`remove_stale_temps`). Results get the permissions a plain
+``open``/``mkdir`` would give under the user's umask (``mkstemp``/``mkdtemp`` alone give 0600/0700).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,15 +17,41 @@ from pathlib import Path
 from typing import Any
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (weights files, checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete temp files and folders that a killed write of ``target`` left next to it."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temp file next to ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -31,7 +63,37 @@ def write_text_atomically(path: Path, text: str) -> Path:
 
 
 def write_json_atomically(path: Path, payload: Any) -> Path:
-    return write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return write_text_atomically(path, json_text(payload))
+
+
+def build_dir(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a folder's new contents in a temp sibling with ``build(tmp)``; returns the temp folder.
+
+    The caller swaps it in with :func:`swap_in_dir` (or removes it on failure); several folders built
+    this way can be swapped in together, after every one of them was built.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o777 & ~current_umask())
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def swap_in_dir(tmp: Path, target: Path) -> Path:
+    """Put a folder built by :func:`build_dir` in place of ``target`` (the old one is removed)."""
+    old = target.with_name(f".{target.name}.old.tmp")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def replace_dir_atomically(target: Path, build: Callable[[Path], None]) -> Path:
@@ -39,17 +101,45 @@ def replace_dir_atomically(target: Path, build: Callable[[Path], None]) -> Path:
 
     If ``build`` raises, ``target`` is left exactly as it was.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    return swap_in_dir(build_dir(target, build), Path(target))
+
+
+def write_together(folders: dict[Path, Callable[[Path], None]], texts: dict[Path, str]) -> None:
+    """Build every folder and write every text file next to its target, then swap them all in.
+
+    A failure while building changes none of the targets (a stage's outputs stay consistent: e.g. new
+    thresholds never sit beside old metrics). Texts are swapped in last, in the order given.
+    """
+    built: dict[Path, Path] = {}
+    staged: dict[Path, Path] = {}
     try:
-        build(tmp)
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
+        for target, build in folders.items():
+            built[Path(target)] = build_dir(target, build)
+        for target, text in texts.items():
+            staged[Path(target)] = stage_text(Path(target), text)
+    except BaseException:
+        for tmp in built.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for target, tmp in built.items():
+        swap_in_dir(tmp, target)
+    for target, tmp in staged.items():
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def stage_text(path: Path, text: str) -> Path:
+    """``text`` in a temp file next to ``path`` (not yet renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.write_text(text)
+    tmp.chmod(0o666 & ~current_umask())
+    return tmp
+
+
+def json_text(payload: Any) -> str:
+    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"

@@ -7,10 +7,14 @@ params.yaml.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +26,12 @@ from tqdm import tqdm
 from adps.data.datasets import Normalizer, load_rgb
 from adps.errors import AdpsError, ImageReadError
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
-from adps.files import write_text_atomically
+from adps.files import file_sha256, replace_dir_atomically, write_text_atomically
 from adps.training.checkpoints import load_model
 
 logger = logging.getLogger(__name__)
 CSV_COLUMNS = ("path", "score", "is_anomalous", "threshold", "heatmap", "error")
+THRESHOLD_KEYS = ("image", "pixel", "score")
 
 
 @dataclass
@@ -46,22 +51,36 @@ class Predictor:
     """A loaded ADPS model with its preprocessing and thresholds."""
 
     def __init__(self, model: torch.nn.Module, spec: dict[str, Any], thresholds: dict[str, Any], device: str = "cpu"):
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval().set_scoring(**thresholds["score"])
         self.size = spec["image_size"]
         self.normalize = Normalizer(spec["normalize_mean"], spec["normalize_std"])
         self.thresholds = thresholds
 
     @classmethod
-    def from_dir(cls, model_dir: Path, device: str = "cpu") -> Predictor:
-        """Load ``psm.pt`` and ``thresholds.json`` from a model folder (or the folder of a given psm.pt)."""
+    def from_dir(cls, model_dir: Path, device: str = "auto") -> Predictor:
+        """Load ``psm.pt`` and ``thresholds.json`` from a model folder (or the folder of a given psm.pt).
+
+        The two files must belong together: thresholds.json records the sha256 of the psm.pt it was
+        chosen for, so a checkpoint copied in from another category is refused.
+        """
         model_dir = Path(model_dir)
+        if model_dir.suffix == ".pt" and model_dir.name != "psm.pt":
+            raise AdpsError(
+                f"{model_dir} is not a deployable model (that is psm.pt with thresholds.json beside it): "
+                f"give the model folder, e.g. --model {model_dir.parent}"
+            )
         folder = model_dir.parent if model_dir.suffix == ".pt" else model_dir
-        thresholds_path = folder / "thresholds.json"
-        if not thresholds_path.is_file():
-            raise AdpsError(f"no thresholds.json in {folder}: run `adps evaluate` for this category first.")
+        thresholds = read_thresholds(folder / "thresholds.json")
         model, payload = load_model(folder / "psm.pt")
-        return cls(model, payload["spec"], json.loads(thresholds_path.read_text()), device)
+        check_model_pair(folder, payload, thresholds)
+        return cls(model, payload["spec"], thresholds, device)
+
+    def to(self, device: str) -> Predictor:
+        """Move the model to ``device`` (auto, cpu or cuda)."""
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        return self
 
     @torch.no_grad()
     def predict_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -77,31 +96,89 @@ class Predictor:
             logger.warning("skipping unreadable image: %s", err)
             return ImagePrediction(str(path), error=str(err))
 
-    def predict_paths(self, paths: list[Path], batch_size: int = 16, progress: bool = False) -> list[ImagePrediction]:
+    def predict_paths(self, paths: list[Path], batch_size: int = 16) -> list[ImagePrediction]:
         """Predict every path; unreadable files come back with ``error`` set and do not stop the rest."""
+        return [
+            r
+            for start in range(0, len(paths), batch_size)
+            for r in self.predict_batch(paths[start : start + batch_size])
+        ]
+
+    def predict_batch(self, paths: list[Path]) -> list[ImagePrediction]:
+        """Decode and score one batch of files (memory holds one batch at a time)."""
         results = [self.read(p) for p in paths]
         readable = [r for r in results if not r.error]
-        threshold = float(self.thresholds["image"])
-        chunks = range(0, len(readable), batch_size)
-        for start in tqdm(chunks, desc="predicting", unit="batch", disable=not progress):
-            chunk = readable[start : start + batch_size]
-            maps, scores = self.predict_arrays([r.image for r in chunk])
-            for r, anomaly_map, score in zip(chunk, maps, scores, strict=True):
+        if readable:
+            threshold = float(self.thresholds["image"])
+            maps, scores = self.predict_arrays([r.image for r in readable])
+            for r, anomaly_map, score in zip(readable, maps, scores, strict=True):
                 r.anomaly_map, r.score, r.threshold = anomaly_map, float(score), threshold
                 r.is_anomalous = bool(score >= threshold)
         return results
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``; a clear error for anything else or a missing GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise AdpsError(f"unknown device '{device}': use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AdpsError("--device cuda, but this machine has no usable CUDA GPU: use --device auto or cpu")
+    return torch.device(device)
+
+
+def read_thresholds(path: Path) -> dict[str, Any]:
+    """thresholds.json of a model folder, checked for the keys prediction needs."""
+    if not path.is_file():
+        raise AdpsError(f"no thresholds.json in {path.parent}: run `adps evaluate` for this category first.")
+    try:
+        thresholds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdpsError(f"{path} is not valid JSON ({err}): run `adps evaluate` again to rewrite it.") from err
+    missing = [k for k in THRESHOLD_KEYS if not isinstance(thresholds, dict) or k not in thresholds]
+    if missing:
+        raise AdpsError(f"{path} lacks {', '.join(missing)}: run `adps evaluate` again to rewrite it.")
+    return thresholds
+
+
+def check_model_pair(folder: Path, checkpoint: dict[str, Any], thresholds: dict[str, Any]) -> None:
+    """psm.pt is a stage-2 checkpoint, and thresholds.json was chosen for exactly this file."""
+    if checkpoint.get("phase") != "psm":
+        raise AdpsError(
+            f"{folder / 'psm.pt'} is a '{checkpoint.get('phase')}' checkpoint, not a trained PSM: "
+            "run `adps psm` and `adps evaluate` for this category."
+        )
+    recorded = thresholds.get("checkpoint_sha256")
+    if recorded is None:
+        logger.warning("%s predates model identity checks; run `adps evaluate` to record it", folder)
+    elif recorded != file_sha256(folder / "psm.pt"):
+        owner = checkpoint.get("category", "another category")
+        raise AdpsError(
+            f"{folder / 'psm.pt'} is not the checkpoint {folder / 'thresholds.json'} was chosen for "
+            f"(it was trained for {owner}); restore the folder from DVC (`dvc checkout`) or rerun "
+            f"`adps evaluate` for {thresholds.get('category', 'this category')}."
+        )
+
+
 def collect_inputs(source: Path) -> list[Path]:
-    """A single file, or every file of a folder (non-image suffixes included: they are reported)."""
+    """A file, or every entry under a folder, recursively (hidden names skipped).
+
+    Anything that is not a folder is listed, broken links and non-images included, so it gets a row
+    with its error; links to folders are not followed (a link loop cannot hang the walk).
+    """
     if source.is_file():
         return [source]
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
-        if files:
-            return files
+    if not source.is_dir():
+        raise AdpsError(f"input not found: {source}")
+    found = []
+    for root, dirs, files in os.walk(source, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / name for name in sorted(files) if not name.startswith(".")]
+        found += [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
+    if not found:
         raise AdpsError(f"no files in {source}: give an image file or a folder of images.")
-    raise AdpsError(f"input not found: {source}")
+    return sorted(found)
 
 
 def predictions_csv(rows: list[dict[str, Any]]) -> str:
@@ -112,37 +189,90 @@ def predictions_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def output_name(path: Path, source: Path) -> Path:
+    """The input's path relative to the input folder, suffix kept (``a/x.png`` and ``b/x.jpg`` stay apart)."""
+    return path.relative_to(source) if source.is_dir() else Path(path.name)
+
+
+def check_output(output: Path) -> None:
+    """Fail before any scoring when the output folder cannot be (re)written."""
+    if output.exists() and not output.is_dir():
+        raise AdpsError(f"--output {output} is a file: give a folder for predictions.csv and heatmaps/.")
+    if output.is_dir() and any(output.iterdir()) and not (output / "predictions.csv").is_file():
+        raise AdpsError(
+            f"--output {output} is a non-empty folder that `adps predict` did not write; "
+            "give a new or empty folder (its contents would be replaced)."
+        )
+    parent = output.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AdpsError(f"cannot write in {parent}: choose an --output folder you can write to.")
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """One ``adps predict`` per output folder at a time (a lock file beside it)."""
+    lock_path = output.absolute().parent / f".{output.name}.lock"
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AdpsError(
+                f"another `adps predict` is writing to {output}; wait for it or choose another --output."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def predict_to_folder(
     predictor: Predictor, source: Path, output: Path, batch_size: int = 16, progress: bool = False
 ) -> dict[str, Any]:
-    """Predict ``source`` (file or folder); write ``predictions.csv`` and ``heatmaps/<name>.png``."""
-    results = predictor.predict_paths(collect_inputs(source), batch_size, progress)
-    rows = []
-    for r in results:
-        heatmap = ""
-        if not r.error:
-            panel = heatmap_panel(r.image, r.anomaly_map, float(predictor.thresholds["pixel"]), None)
-            heatmap = str(
-                save_heatmap(
-                    output / "heatmaps" / f"{Path(r.path).stem}.png", panel, f"{Path(r.path).name} score={r.score:.3f}"
-                )
-            )
-        rows.append(
-            {
-                "path": r.path,
-                "score": r.score,
-                "is_anomalous": r.is_anomalous,
-                "threshold": r.threshold,
-                "heatmap": heatmap,
-                "error": r.error,
-            }
+    """Predict ``source`` (file or folder, recursively); write ``predictions.csv`` and ``heatmaps/<relative path>.png``.
+
+    Images are decoded, scored and drawn one batch at a time. The output folder is built beside the
+    target and swapped in when complete: it never mixes files of two runs.
+    """
+    if batch_size < 1:
+        raise AdpsError(f"--batch-size must be at least 1 (got {batch_size})")
+    inputs = collect_inputs(source)
+    check_output(output)
+    summary: dict[str, Any] = {}
+    with output_lock(output):
+        replace_dir_atomically(
+            output,
+            lambda tmp: summary.update(write_predictions(predictor, inputs, source, output, tmp, batch_size, progress)),
         )
-    csv_path = write_text_atomically(output / "predictions.csv", predictions_csv(rows))
-    failed = [r.path for r in results if r.error]
-    return {
-        "predictions": str(csv_path),
-        "n_images": len(results),
-        "n_anomalous": sum(bool(r.is_anomalous) for r in results),
-        "n_unreadable": len(failed),
-        "unreadable": failed,
-    }
+    return {"predictions": str(output / "predictions.csv"), **summary}
+
+
+def write_predictions(
+    predictor: Predictor, inputs: list[Path], source: Path, output: Path, folder: Path, batch_size: int, progress: bool
+) -> dict[str, Any]:
+    """Rows and heatmaps into ``folder`` (the temp folder that becomes ``output``)."""
+    rows, failed, anomalous = [], [], 0
+    batches = range(0, len(inputs), batch_size)
+    for start in tqdm(batches, desc="predicting", unit="batch", disable=not progress):
+        for r in predictor.predict_batch(inputs[start : start + batch_size]):
+            heatmap = ""
+            if r.error:
+                failed.append(r.path)
+            else:
+                anomalous += bool(r.is_anomalous)
+                name = output_name(Path(r.path), source)
+                panel = heatmap_panel(r.image, r.anomaly_map, float(predictor.thresholds["pixel"]), None)
+                save_heatmap(folder / "heatmaps" / f"{name}.png", panel, f"{name} score={r.score:.3f}")
+                heatmap = str(output / "heatmaps" / f"{name}.png")
+            rows.append(
+                {
+                    "path": r.path,
+                    "score": r.score,
+                    "is_anomalous": r.is_anomalous,
+                    "threshold": r.threshold,
+                    "heatmap": heatmap,
+                    "error": r.error,
+                }
+            )
+    write_text_atomically(folder / "predictions.csv", predictions_csv(rows))
+    return {"n_images": len(rows), "n_anomalous": anomalous, "n_unreadable": len(failed), "unreadable": failed}

@@ -21,12 +21,19 @@ from adps.data.datasets import (
     TrainDataset,
     load_rgb,
 )
-from adps.data.splits import category_splits
+from adps.data.splits import category_splits, check_category
 from adps.data.validation import validate_dataset
-from adps.errors import ValidationFailed
+from adps.errors import AdpsError, ValidationFailed
 from adps.evaluation import reports
 from adps.evaluation.predictions import predict_dataset, validation_predictions
-from adps.files import replace_dir_atomically, write_json_atomically, write_text_atomically
+from adps.files import (
+    file_sha256,
+    json_text,
+    replace_dir_atomically,
+    write_json_atomically,
+    write_text_atomically,
+    write_together,
+)
 from adps.model.backbones import calibrate_batchnorm, input_normalization, load_teacher_weights
 from adps.runtime import progress_enabled, seeded, setup_torch
 from adps.training.checkpoints import (
@@ -161,7 +168,7 @@ def finish_phase(final: Path, model, spec: dict, history: list, category: str, p
     byte-identical checkpoint (and DVC hash) from either front-end; the report keeps them.
     """
     losses = [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
-    save_checkpoint(final, model.cpu(), spec, phase=phase, history=losses, **meta)
+    save_checkpoint(final, model.cpu(), spec, phase=phase, category=category, history=losses, **meta)
     write_json_atomically(paths.train_history(category, phase), history)
     paths.resume_checkpoint(final).unlink(missing_ok=True)
 
@@ -221,7 +228,13 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
     with seeded(params.runtime.seed + 1):
         model = build_model(spec)
     kept = {k: v for k, v in student["state"].items() if k.startswith(("teacher.", "student."))}
-    model.load_state_dict(kept, strict=False)
+    loaded = model.load_state_dict(kept, strict=False)  # the PSM is new; teacher and student must be complete
+    missing = [k for k in loaded.missing_keys if not k.startswith("psm.")]
+    if missing or loaded.unexpected_keys:
+        raise CheckpointError(
+            f"{paths.student_checkpoint(category)} does not hold a complete teacher and student "
+            f"(missing {missing[:3]}, unexpected {loaded.unexpected_keys[:3]}): rerun `adps distill -c {category}`."
+        )
     return model, student
 
 
@@ -260,38 +273,65 @@ def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) ->
     }
 
 
+def check_trained_with(params: Params, checkpoint: dict[str, Any], path: Path, category: str) -> None:
+    """Refuse a checkpoint whose model or preprocessing differ from what the params say."""
+    wanted, found = model_spec(params), checkpoint["spec"]
+    differ = sorted(k for k in wanted if wanted[k] != found.get(k))
+    if differ:
+        details = "; ".join(f"{k}: checkpoint {found.get(k)!r}, params {wanted[k]!r}" for k in differ)
+        raise CheckpointError(
+            f"{path} does not match the params ({details}): retrain with "
+            f"`adps distill -c {category}` and `adps psm -c {category}` (or `dvc repro`)."
+        )
+
+
 def evaluate(params: Params, category: str) -> dict[str, Any]:
     """Stage ``evaluate@C``: thresholds on the validation split, metrics, curves and heatmaps on test.
 
-    Writes models/C/thresholds.json, reports/metrics/C.json, reports/plots/C/ and reports/heatmaps/C/.
+    Writes models/C/thresholds.json, reports/metrics/C.json, reports/plots/C/ and reports/heatmaps/C/,
+    all together: a failure leaves the previous ones as they were.
     """
     device = setup_torch(params)
     _, val, test = category_splits(params, category)
     model, checkpoint = load_model(paths.psm_checkpoint(category))
+    check_trained_with(params, checkpoint, paths.psm_checkpoint(category), category)
     model.to(device).set_scoring(**params.score.model_dump())
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
     val_pred = validation_predictions(model, val, params, device, progress)
     test_pred = predict_dataset(model, LabelledDataset(test, params), batch, device, progress)
     thresholds = reports.calibrate(val_pred, params.threshold, params.score.model_dump(mode="json"))
+    thresholds.update(category=category, checkpoint_sha256=file_sha256(paths.psm_checkpoint(category)))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
-    write_json_atomically(paths.thresholds_file(category), thresholds)
-    reports.write_curves(paths.plots_dir(category), test_pred, params.evaluation.curve_points)
-    reports.write_heatmaps(
-        paths.heatmaps_dir(category),
-        test_pred,
-        thresholds["pixel"],
-        params.evaluation.n_heatmaps,
-        params.data.image_size,
+    size = params.data.image_size
+    write_together(
+        {
+            paths.heatmaps_dir(category): lambda tmp: reports.write_heatmaps(
+                tmp, test_pred, thresholds["pixel"], params.evaluation.n_heatmaps, size
+            ),
+            paths.plots_dir(category): lambda tmp: reports.write_curves(tmp, test_pred, params.evaluation.curve_points),
+        },
+        {paths.thresholds_file(category): json_text(thresholds), paths.metrics_file(category): json_text(metrics)},
     )
-    write_json_atomically(paths.metrics_file(category), metrics)
     return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in METRIC_NAMES}}
 
 
 def register(params: Params, category: str) -> dict[str, Any]:
-    """Stage ``register@C``: MLflow run + pyfunc model registered as ``adps-<C>`` (alias challenger)."""
+    """Stage ``register@C``: MLflow run + pyfunc model registered as ``adps-<C>`` (alias challenger).
+
+    Everything is checked before the tracking server is touched: the category, and that the model
+    and its evaluation exist (a failed check leaves no run behind).
+    """
     from adps import tracking
 
+    check_category(params, category)
+    needed = [paths.psm_checkpoint(category), paths.thresholds_file(category), paths.metrics_file(category)]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        raise AdpsError(
+            f"cannot register {category}: missing {', '.join(missing)}; run `adps psm -c {category}` and "
+            f"`adps evaluate -c {category}` (or `dvc repro`) first."
+        )
     return tracking.register(params, category)
 
 
@@ -299,6 +339,7 @@ def promote(params: Params, category: str, version: str) -> dict[str, Any]:
     """Move the ``champion`` alias of ``adps-<C>`` to ``version`` (what the MLflow UI does by hand)."""
     from adps import tracking
 
+    check_category(params, category)
     return tracking.promote(params, category, version)
 
 
@@ -308,6 +349,9 @@ def summarize(params: Params) -> dict[str, Any]:
     for category in params.data.categories:
         path = paths.metrics_file(category)
         if path.is_file():
-            metrics = json.loads(path.read_text())
+            try:
+                metrics = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise AdpsError(f"{path} is not valid JSON ({err}): rerun `adps evaluate -c {category}`.") from err
             rows[category] = {k: metrics.get(k) for k in METRIC_NAMES}
     return rows

@@ -303,12 +303,15 @@ def history_figure(study: optuna.Study):
 
 def tune(params: Params, category: str, n_trials: int | None = None, workers: int = 1) -> dict[str, Any]:
     """Run ``n_trials`` (default ``tune.n_trials``) more trials of the category's study on ``workers`` processes."""
+    n_trials = params.tune.n_trials if n_trials is None else n_trials
+    if n_trials < 1 or workers < 1:
+        raise AdpsError(f"trials and workers must be at least 1 (got trials={n_trials}, workers={workers})")
     category_splits(params, category)  # unknown category: fail before starting anything
     if not params.tune.space:
         raise AdpsError("tune.space is empty: name the parameters to tune in params.yaml (see its tune.space)")
     tracking.connect(params)
     parent_id = tracking.study_parent_run(params, study_name(params, category), category)
-    run_workers(params, category, n_trials or params.tune.n_trials, workers, parent_id)
+    run_workers(params, category, n_trials, workers, parent_id)
     return summarise_study(params, category, parent_id)
 
 

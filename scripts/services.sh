@@ -29,10 +29,19 @@ wait_for() {  # url, what, seconds
   echo "$2 did not answer at $1 within $3 s; see $RUN/*.log" >&2; exit 1
 }
 
+MARK="# written by scripts/services.sh"
+
+write_prefect_toml() {  # the project's own Prefect setting: the user's profiles are left alone
+  if [ -f prefect.toml ] && ! head -1 prefect.toml | grep -q "$MARK"; then
+    echo "prefect.toml exists and was not written by make up; set PREFECT_API_URL=$API yourself" >&2; return
+  fi
+  printf '%s (make down removes it)\n[api]\nurl = "%s"\n' "$MARK" "$API" > prefect.toml
+}
+
 up() {
   start prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   wait_for "$API/health" "Prefect server" 120
-  "$BIN/prefect" config set PREFECT_API_URL="$API" > /dev/null
+  write_prefect_toml
   start mlflow "$BIN/mlflow" server --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 \
     --port "$MLFLOW_PORT"
   start serve env PREFECT_API_URL="$API" "$BIN/python" -m flows.serve
@@ -42,7 +51,7 @@ up() {
   done
   wait_for "http://127.0.0.1:${MLFLOW_PORT}/health" "MLflow UI" 120
   echo
-  echo "Prefect UI:  http://127.0.0.1:${PREFECT_PORT}   (PREFECT_API_URL set in the active Prefect profile)"
+  echo "Prefect UI:  http://127.0.0.1:${PREFECT_PORT}   (PREFECT_API_URL in ./prefect.toml: commands run here use it)"
   echo "MLflow UI:   http://127.0.0.1:${MLFLOW_PORT}"
   echo "Run now:     $BIN/prefect deployment run 'adps-pipeline/nightly'"
 }
@@ -56,7 +65,7 @@ down() {
       rm -f "$RUN/$name.pid"
     fi
   done
-  "$BIN/prefect" config unset PREFECT_API_URL -y > /dev/null 2>&1 || true
+  if [ -f prefect.toml ] && head -1 prefect.toml | grep -q "$MARK"; then rm -f prefect.toml; fi
 }
 
 status() {

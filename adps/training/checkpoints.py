@@ -92,6 +92,16 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def load_model(path: Path) -> tuple[AdpsModel, dict[str, Any]]:
     """Rebuild the model from a checkpoint alone; returns (model in eval mode, checkpoint dict)."""
     payload = read_checkpoint(path)
+    missing = [key for key in ("spec", "state", "phase") if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is damaged; rerun the stage that writes it.")
     model = build_model(payload["spec"])
-    model.load_state_dict(payload["state"])
+    try:
+        model.load_state_dict(payload["state"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[:3]
+        raise CheckpointError(
+            f"{path} does not fit its own model spec ({' '.join(first)}): "
+            "it is damaged; rerun the stage that writes it."
+        ) from err
     return model.eval(), payload

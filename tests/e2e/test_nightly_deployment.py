@@ -53,7 +53,11 @@ def test_make_up_then_nightly_deployment_run_completes_and_registers(tmp_path: P
         aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
         assert aliases.get("challenger") == "1" and aliases.get("champion") == "1"
         assert "up to date" in run(["dvc", "status"], root, env)
+        assert f"127.0.0.1:{prefect_port}" in (root / "prefect.toml").read_text()  # the project's own setting
     finally:
         subprocess.run(["bash", "scripts/services.sh", "down"], cwd=root, env=env, capture_output=True, timeout=120)
         for log in sorted((root / ".run").glob("*.log")):
             print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+    assert not (root / "prefect.toml").exists()
+    profiles = root / ".prefect" / "profiles.toml"
+    assert not profiles.exists() or "PREFECT_API_URL" not in profiles.read_text()  # user profiles untouched

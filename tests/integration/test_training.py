@@ -141,8 +141,10 @@ def test_predict_cli_on_a_folder_with_one_corrupt_file(trained, tmp_path):
         rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(handle)}
     assert set(rows) == {"good_000.png", "hole_000.png", "crack_000.png", "broken.png"}
     assert "cannot read image" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
+    threshold = json.loads((root / "models/washer/thresholds.json").read_text())["image"]
     for name in ("good_000.png", "hole_000.png", "crack_000.png"):
-        assert rows[name]["error"] == "" and float(rows[name]["score"]) >= 0
-        assert rows[name]["is_anomalous"] in ("True", "False")
-        assert (tmp_path / "out/heatmaps" / name).is_file()
+        assert rows[name]["error"] == "" and float(rows[name]["threshold"]) == pytest.approx(threshold)
+        assert rows[name]["is_anomalous"] == str(float(rows[name]["score"]) >= threshold)
+        assert rows[name]["heatmap"] == str(tmp_path / "out/heatmaps" / f"{name}.png")
+        assert (tmp_path / "out/heatmaps" / f"{name}.png").is_file()
     assert json.loads(out.stdout)["n_unreadable"] == 1

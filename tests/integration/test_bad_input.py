@@ -1,0 +1,314 @@
+"""Bad input and faults, as a hostile or careless user makes them: one clear error, nothing lost.
+
+Each test names the case of the README's "Bad input" table it covers.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adps import paths, stages
+from adps.config import ParamsError, load_params
+from adps.data.datasets import ValidationDataset, load_rgb
+from adps.errors import AdpsError, ImageReadError
+from adps.files import write_json_atomically, write_text_atomically
+from adps.inference import Predictor, predict_to_folder
+from adps.training.checkpoints import CheckpointError, load_model, read_checkpoint
+from tests.conftest import tiny_params, write_params
+
+ADPS = [sys.executable, "-m", "adps.cli"]
+
+
+def adps(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*ADPS, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_user_error(out: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    """Exit non-zero, no traceback, and a message with every fragment."""
+    assert out.returncode != 0, out.stdout
+    assert "Traceback" not in out.stderr, out.stderr
+    message = " ".join((out.stderr + out.stdout).split())  # rich wraps long lines
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture
+def model_copy(trained_project, tmp_path) -> Path:
+    """A copy of the trained washer model folder (psm.pt + thresholds.json), safe to damage."""
+    root, _ = trained_project
+    folder = tmp_path / "washer"
+    folder.mkdir()
+    for name in ("psm.pt", "thresholds.json", "student.pt"):
+        shutil.copy(root / "models/washer" / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def images(trained_project, tmp_path) -> Path:
+    root, _ = trained_project
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(root / "data/synthetic/washer/test/good/000.png", folder / "good.png")
+    return folder
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def test_oversized_image_is_a_row_error_and_the_others_are_scored(model_copy, images, tmp_path):
+    Image.new("L", (9000, 8000)).save(images / "huge.png")  # 72 MP, over the 64 MP limit
+    result = predict_to_folder(Predictor.from_dir(model_copy, "cpu"), images, tmp_path / "out")
+    rows = read_rows(tmp_path / "out")
+    assert "over the limit" in rows["huge.png"]["error"] and rows["good.png"]["score"] != ""
+    assert result["n_unreadable"] == 1
+
+
+def test_tiny_image_is_refused_and_a_float_tiff_in_unit_range_is_not_black(tmp_path):
+    Image.new("RGB", (1, 1), "white").save(tmp_path / "dot.png")
+    with pytest.raises(ImageReadError, match="smaller than 16 px"):
+        load_rgb(tmp_path / "dot.png", 64)
+    Image.fromarray(np.full((32, 32), 0.8, np.float32), mode="F").save(tmp_path / "unit.tif")
+    assert load_rgb(tmp_path / "unit.tif", 32).mean() == pytest.approx(0.8, abs=0.01)
+    Image.fromarray(np.full((32, 32), 50000, np.uint16)).save(tmp_path / "deep.png")
+    assert load_rgb(tmp_path / "deep.png", 32).mean() == pytest.approx(50000 / 65535, abs=0.01)
+
+
+def test_nested_folders_links_and_suffixes_get_their_own_rows_and_heatmaps(model_copy, images, tmp_path):
+    (images / "a").mkdir()
+    (images / "b").mkdir()
+    shutil.copy(images / "good.png", images / "a" / "x.png")
+    shutil.copy(images / "good.png", images / "b" / "x.png")
+    Image.open(images / "good.png").convert("RGB").save(images / "a" / "x.jpg")
+    (images / "dangling.png").symlink_to(images / "missing.png")
+    (images / "loop").symlink_to(images, target_is_directory=True)
+    predict_to_folder(Predictor.from_dir(model_copy, "cpu"), images, tmp_path / "out")
+    rows = read_rows(tmp_path / "out", key="relative")
+    assert {"a/x.png", "b/x.png", "a/x.jpg", "good.png", "dangling.png", "loop"} == set(rows)
+    assert rows["dangling.png"]["error"] and rows["loop"]["error"]
+    for name in ("a/x.png", "b/x.png", "a/x.jpg"):
+        assert (tmp_path / "out" / "heatmaps" / f"{name}.png").is_file()
+
+
+def test_rerun_replaces_the_whole_output_folder_and_a_busy_folder_is_refused(model_copy, images, tmp_path):
+    predictor, out = Predictor.from_dir(model_copy, "cpu"), tmp_path / "out"
+    shutil.copy(images / "good.png", images / "extra.png")
+    predict_to_folder(predictor, images, out)
+    (images / "extra.png").unlink()
+    predict_to_folder(predictor, images, out)
+    assert not (out / "heatmaps" / "extra.png.png").exists()  # no heatmap of an earlier run stays
+    with open(tmp_path / ".out.lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(AdpsError, match="another `adps predict` is writing"):
+            predict_to_folder(predictor, images, out)
+    assert set(read_rows(out)) == {"good.png"}
+
+
+def test_predict_output_and_option_errors_come_before_any_scoring(trained_project, images, tmp_path):
+    root, _ = trained_project
+    model = str(root / "models/washer")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    base = ["predict", "--model", model, "--input", str(images)]
+    assert_user_error(adps(*base, "--output", str(tmp_path / "afile"), cwd=tmp_path), "is a file")
+    assert_user_error(adps(*base, "--output", str(tmp_path / "mine"), cwd=tmp_path), "did not write")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    out = tmp_path / "o"
+    assert_user_error(adps(*base, "--output", str(out), "--batch-size", "0", cwd=tmp_path), "--batch-size")
+    assert_user_error(adps(*base, "--output", str(out), "--device", "foo", cwd=tmp_path), "unknown device 'foo'")
+    if not torch.cuda.is_available():
+        assert_user_error(adps(*base, "--output", str(out), "--device", "cuda", cwd=tmp_path), "no usable CUDA")
+    assert not out.exists()
+
+
+def read_rows(output: Path, key: str = "name") -> dict[str, dict[str, str]]:
+    with open(output / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    if key == "name":
+        return {Path(r["path"]).name: r for r in rows}
+    base = min((Path(r["path"]) for r in rows), key=lambda p: len(p.parts)).parent
+    return {str(Path(r["path"]).relative_to(base)): r for r in rows}
+
+
+# --- model folders --------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_from_elsewhere_or_a_student_is_not_a_model(model_copy):
+    with pytest.raises(AdpsError, match=r"student.pt is not a deployable model.*--model"):
+        Predictor.from_dir(model_copy / "student.pt")
+    shutil.copy(model_copy / "student.pt", model_copy / "psm.pt")  # a stage-1 checkpoint in psm.pt's place
+    with pytest.raises(AdpsError, match="'distill' checkpoint, not a trained PSM"):
+        Predictor.from_dir(model_copy)
+
+
+def test_a_psm_checkpoint_of_another_model_is_refused(model_copy):
+    payload = read_checkpoint(model_copy / "psm.pt")
+    payload["state"] = {k: v + 1 if v.is_floating_point() else v for k, v in payload["state"].items()}
+    payload["category"] = "wood"
+    torch.save(payload, model_copy / "psm.pt")
+    with pytest.raises(
+        AdpsError, match=r"is not the checkpoint .*thresholds.json was chosen for \(it was trained for wood\)"
+    ):
+        Predictor.from_dir(model_copy)
+
+
+def test_malformed_thresholds_and_damaged_checkpoints_are_named(model_copy):
+    good = (model_copy / "thresholds.json").read_text()
+    (model_copy / "thresholds.json").write_text("{not json")
+    with pytest.raises(AdpsError, match=r"thresholds.json is not valid JSON"):
+        Predictor.from_dir(model_copy)
+    (model_copy / "thresholds.json").write_text(json.dumps({"image": 0.5}))
+    with pytest.raises(AdpsError, match=r"thresholds.json lacks pixel, score"):
+        Predictor.from_dir(model_copy)
+    (model_copy / "thresholds.json").write_text(good)
+    payload = read_checkpoint(model_copy / "psm.pt")
+    payload["state"].pop(next(iter(payload["state"])))
+    torch.save(payload, model_copy / "psm.pt")
+    with pytest.raises(CheckpointError, match=r"does not fit its own model spec"):
+        load_model(model_copy / "psm.pt")
+
+
+def test_a_loaded_model_scores_with_the_params_default_until_told_otherwise(model_copy):
+    model, _ = load_model(model_copy / "psm.pt")
+    assert model.scorer.method == "max" and model.scorer.kernel.numel() == len(
+        torch.arange(-6, 7)
+    )  # sigma 2 -> radius 6
+
+
+# --- stages -----------------------------------------------------------------------------------------
+
+
+def test_failed_evaluate_changes_none_of_its_outputs(trained_project, monkeypatch):
+    root, _ = trained_project
+    monkeypatch.chdir(root)
+    outputs = [paths.thresholds_file("washer"), paths.metrics_file("washer")]
+    before = {p: p.read_bytes() for p in outputs}
+    heatmaps_before = sorted(p.name for p in paths.heatmaps_dir("washer").iterdir())
+    plots = paths.plots_dir("washer").parent
+    moved = plots.with_name("plots-moved")
+    os.replace(plots, moved)
+    plots.write_text("a file where the plots folder goes")  # the last folder to write cannot be built
+    try:
+        with pytest.raises(OSError):
+            stages.evaluate(tiny_params(score={"sigma": 1.0}), "washer")
+        assert {p: p.read_bytes() for p in outputs} == before
+        assert sorted(p.name for p in paths.heatmaps_dir("washer").iterdir()) == heatmaps_before
+    finally:
+        plots.unlink()
+        os.replace(moved, plots)
+
+
+def test_evaluate_refuses_a_checkpoint_trained_with_other_params(trained_project, monkeypatch):
+    root, _ = trained_project
+    monkeypatch.chdir(root)
+    with pytest.raises(CheckpointError, match=r"image_size: checkpoint 64, params 128.*adps distill -c washer"):
+        stages.evaluate(tiny_params(data={"image_size": 128}, synthetic={"image_size": 64}), "washer")
+
+
+def test_psm_refuses_an_incomplete_student(trained_project, tmp_path, monkeypatch, tiny_dataset_master):
+    root, _ = trained_project
+    shutil.copytree(tiny_dataset_master, tmp_path / "data" / "synthetic")
+    (tmp_path / "models/washer").mkdir(parents=True)
+    payload = read_checkpoint(root / "models/washer/student.pt")
+    payload["state"] = {k: v for k, v in payload["state"].items() if not k.startswith("student.")}
+    torch.save(payload, tmp_path / "models/washer/student.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"complete teacher and student.*adps distill -c washer"):
+        stages.psm(tiny_params(), "washer")
+
+
+def test_synthesis_that_never_draws_an_anomaly_is_an_error_not_a_hang(trained_project, monkeypatch):
+    root, _ = trained_project
+    monkeypatch.chdir(root)
+    params = tiny_params(synthesis={"perlin_threshold": 0.999, "n_procedural_textures": 1})
+    _, val, _ = __import__("adps.data.splits", fromlist=["x"]).category_splits(params, "washer")
+    dataset = ValidationDataset(val, params, 0)
+    with pytest.raises(AdpsError, match=r"perlin_threshold=0.999.*lower it"):
+        dataset[len(val)]
+
+
+def test_register_checks_before_touching_the_tracking_store(project, tmp_path):
+    params = tiny_params(tracking={"uri": f"sqlite:///{tmp_path / 'runs.db'}"})
+    with pytest.raises(AdpsError, match="unknown category 'nope'"):
+        stages.register(params, "nope")
+    with pytest.raises(AdpsError, match=r"cannot register washer: missing models/washer/psm.pt"):
+        stages.register(params, "washer")
+    assert not (tmp_path / "runs.db").exists()  # no run was started
+    with pytest.raises(ParamsError, match="data.categories"):
+        tiny_params(data={"categories": ["../../x"]})
+
+
+# --- params, reports, tuning -------------------------------------------------------------------------
+
+
+def test_params_files_that_are_empty_not_utf8_or_impossible(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ParamsError, match="is empty"):
+        load_params(tmp_path / "empty.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("runtime: {seed: 1}  # café\n".encode("latin-1"))
+    with pytest.raises(ParamsError, match="not UTF-8"):
+        load_params(tmp_path / "latin1.yaml")
+    with pytest.raises(ParamsError, match=r"psm_head_channels.0.*greater than or equal to 1"):
+        tiny_params(model={"psm_head_channels": [0, -4]})
+
+
+def test_cli_user_errors_have_no_traceback(tmp_path):
+    write_params(tmp_path)
+    (tmp_path / "reports/metrics").mkdir(parents=True)
+    (tmp_path / "reports/metrics/fabric.json").write_text("{broken")
+    assert_user_error(adps("report", cwd=tmp_path), "fabric.json is not valid JSON")
+    assert_user_error(adps("register", "-c", "nope", cwd=tmp_path), "unknown category 'nope'")
+    assert_user_error(adps("tune", "-c", "washer", "--trials", "0", cwd=tmp_path), "--trials")
+    assert_user_error(adps("tune", "-c", "washer", "--workers", "0", cwd=tmp_path), "--workers")
+    (tmp_path / "bad.yaml").write_bytes(b"\xff\xfe")
+    assert_user_error(adps("validate", "--params", "bad.yaml", cwd=tmp_path), "not UTF-8")
+
+
+def test_report_means_only_the_metrics_present(tmp_path):
+    write_params(tmp_path)
+    write_json_atomically(tmp_path / "reports/metrics/fabric.json", {"pixel_ap": 0.5, "aupro": None})
+    write_json_atomically(tmp_path / "reports/metrics/washer.json", {"pixel_ap": 0.7, "aupro": 0.9})
+    out = adps("report", cwd=tmp_path)
+    mean_row = next(line for line in out.stdout.splitlines() if "mean" in line)
+    assert "0.600" in mean_row and "0.900" in mean_row  # not (0.9 + 0) / 2
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+def test_stale_temp_files_are_cleaned_and_outputs_follow_the_umask(tmp_path):
+    target = tmp_path / "metrics.json"
+    stale = [tmp_path / ".metrics.json.abc123.tmp", tmp_path / ".metrics.json.dir.tmp"]
+    stale[0].write_text("killed mid-write")
+    stale[1].mkdir()
+    old = os.umask(0o022)
+    try:
+        write_text_atomically(target, "{}")
+    finally:
+        os.umask(old)
+    assert not any(p.exists() for p in stale)
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_validate_leaves_nothing_in_the_system_temp_dir(project, tmp_path, monkeypatch):
+    scratch = tmp_path / "systemtmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    stages.validate(tiny_params())
+    assert list(scratch.iterdir()) == []
