@@ -226,6 +226,7 @@ class TuneParams(Section):
     sampler_seed: int = 0
     pruner: Literal["median", "none"] = "median"
     pruner_warmup_epochs: int = Field(2, ge=0)
+    heartbeat_seconds: int = Field(60, ge=1)
     storage: str = "sqlite:///optuna.db"
     study_name: str = "adps"
     objective: Literal["decision_f1", MetricName] = "decision_f1"

@@ -167,7 +167,9 @@ def finish_phase(final: Path, model, spec: dict, history: list, category: str, p
     The checkpoint's history leaves out wall-clock seconds, so the same params and data give a
     byte-identical checkpoint (and DVC hash) from either front-end; the report keeps them.
     """
-    losses = [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
+    # Through JSON: a resumed history (read back from disk) and an uninterrupted one (sharing float
+    # objects, which pickle writes as back-references) then serialise to the same bytes.
+    losses = json.loads(json.dumps([{k: v for k, v in entry.items() if k != "seconds"} for entry in history]))
     save_checkpoint(final, model.cpu(), spec, phase=phase, category=category, history=losses, **meta)
     write_json_atomically(paths.train_history(category, phase), history)
     paths.resume_checkpoint(final).unlink(missing_ok=True)

@@ -321,7 +321,9 @@ def study_parent_run(params: Params, study: str, category: str) -> str:
 
 
 @contextlib.contextmanager
-def trial_run(parent_run_id: str, number: int, category: str, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def trial_run(
+    parent_run_id: str, study: str, number: int, category: str, values: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
     """A nested run for one tuning trial; the caller fills the yielded dict with ``state`` and ``value``."""
     import mlflow
 
@@ -329,7 +331,7 @@ def trial_run(parent_run_id: str, number: int, category: str, values: dict[str, 
     started = time.perf_counter()
     with mlflow.start_run(run_name=f"trial-{number}", parent_run_id=parent_run_id, nested=True):
         mlflow.log_params({k: str(v) for k, v in values.items()})
-        mlflow.set_tags({"optuna_trial": str(number), "category": category})
+        mlflow.set_tags({"optuna_trial": str(number), "optuna_trial_of": study, "category": category})
         try:
             yield outcome
         finally:
@@ -357,3 +359,15 @@ def log_study_summary(
         if importances is not None:
             mlflow.log_dict(importances, "param_importances.json")
         mlflow.log_figure(history_figure, "optimization_history.png")
+
+
+def fail_trial_run(study: str, number: int) -> None:
+    """Mark the MLflow run of a trial whose worker died (still RUNNING) as FAILED."""
+    import mlflow
+
+    query = f"tags.optuna_trial_of = '{study}' and tags.optuna_trial = '{number}' and attributes.status = 'RUNNING'"
+    for run in mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list"):
+        client = mlflow.MlflowClient()
+        client.set_tag(run.info.run_id, "state", "FAIL")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        logger.warning("trial %d of %s: its worker died; run %s marked FAILED", number, study, run.info.run_id)

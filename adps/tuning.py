@@ -15,6 +15,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -58,7 +59,11 @@ def storage_url(params: Params) -> str:
 
 
 def load_study(params: Params, category: str) -> optuna.Study:
-    """Create the category's study, or load it when it exists (a rerun continues it)."""
+    """Create the category's study, or load it when it exists (a rerun continues it).
+
+    Running trials send heartbeats; a trial whose process was killed is marked FAIL (and its MLflow
+    run FAILED) by the next worker of the study once its heartbeat is ``2 x tune.heartbeat_seconds`` old.
+    """
     cfg = params.tune
     sampler = (
         optuna.samplers.TPESampler(seed=cfg.sampler_seed)
@@ -70,9 +75,16 @@ def load_study(params: Params, category: str) -> optuna.Study:
         if cfg.pruner == "median"
         else optuna.pruners.NopPruner()
     )
+    name = study_name(params, category)
+    storage = optuna.storages.RDBStorage(
+        storage_url(params),
+        heartbeat_interval=cfg.heartbeat_seconds,
+        grace_period=2 * cfg.heartbeat_seconds,
+        failed_trial_callback=lambda _study, trial: tracking.fail_trial_run(name, trial.number),
+    )
     return optuna.create_study(
-        storage=storage_url(params),
-        study_name=study_name(params, category),
+        storage=storage,
+        study_name=name,
         direction="maximize",
         sampler=sampler,
         pruner=pruner,
@@ -142,17 +154,42 @@ def validation_value(model, params: Params, category: str) -> float:
     return 0.0 if value is None or math.isnan(value) else float(value)
 
 
+TRIAL_FOLDER_PREFIX = "adps-trial-"
+
+
 @contextlib.contextmanager
 def trial_folder(project_root: Path) -> Iterator[Path]:
-    """A temp working folder that sees the project's data (linked) and keeps models apart."""
+    """A temp working folder that sees the project's data (linked) and keeps models apart.
+
+    Its name carries the worker's pid, so a folder left by a killed worker is recognised and removed
+    by the next ``adps tune`` (:func:`remove_dead_trial_folders`).
+    """
     previous = Path.cwd()
-    with tempfile.TemporaryDirectory(prefix="adps-trial-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{TRIAL_FOLDER_PREFIX}{os.getpid()}-") as tmp:
         (Path(tmp) / paths.DATA_ROOT).symlink_to(project_root / paths.DATA_ROOT)
         os.chdir(tmp)
         try:
             yield Path(tmp)
         finally:
             os.chdir(previous)
+
+
+def remove_dead_trial_folders() -> None:
+    """Delete trial folders of worker processes that no longer exist (killed runs)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TRIAL_FOLDER_PREFIX}*-*"):
+        pid = folder.name[len(TRIAL_FOLDER_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Objective:
@@ -165,7 +202,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         values = suggest(trial, self.params)
         params = trial_params(self.params, values)
-        with tracking.trial_run(self.parent_run_id, trial.number, self.category, values) as outcome:
+        with tracking.trial_run(
+            self.parent_run_id, trial.study.study_name, trial.number, self.category, values
+        ) as outcome:
             try:
                 outcome["value"] = self.train_and_score(trial, params)
                 outcome["state"] = "COMPLETE"
@@ -310,6 +349,8 @@ def tune(params: Params, category: str, n_trials: int | None = None, workers: in
     if not params.tune.space:
         raise AdpsError("tune.space is empty: name the parameters to tune in params.yaml (see its tune.space)")
     tracking.connect(params)
+    remove_dead_trial_folders()
+    optuna.storages.fail_stale_trials(load_study(params, category))  # trials of killed workers -> FAIL
     parent_id = tracking.study_parent_run(params, study_name(params, category), category)
     run_workers(params, category, n_trials, workers, parent_id)
     return summarise_study(params, category, parent_id)
