@@ -203,6 +203,10 @@ def find_version(client, name: str, digest: str):
     return next((v for v in versions if v.tags.get("model_hash") == digest), None)
 
 
+def latest_version(client, name: str) -> str:
+    return str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+
+
 def version_metric(client, name: str, version: str, metric: str) -> float | None:
     value = client.get_model_version(name, version).tags.get(metric)
     return None if value in (None, "", "None") else float(value)
@@ -235,7 +239,29 @@ def maybe_promote(client, params: Params, name: str, version: str) -> bool:
 
 
 def register(params: Params, category: str) -> dict[str, Any]:
-    """Log the category's run and model, register it as ``adps-<category>`` with alias challenger."""
+    """Log the category's run and model, register it as ``adps-<category>`` with alias challenger.
+
+    A tracking server lost half-way is a :class:`TrackingUnavailable` error; the rerun registers the
+    model once (a version created before the loss is found by its hash and completed).
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(params)
+    try:
+        return log_and_register(params, category)
+    except (MlflowException, requests.RequestException, ConnectionError) as err:
+        try:
+            check_reachable(uri)
+        except TrackingUnavailable:
+            raise TrackingUnavailable(
+                f"lost the MLflow tracking server {uri} while registering {category} ({type(err).__name__}). "
+                f"Start it again and rerun `adps register -c {category}`; local models and reports are untouched."
+            ) from err
+        raise AdpsError(f"MLflow refused the registration of {category}: {err}") from err
+
+
+def log_and_register(params: Params, category: str) -> dict[str, Any]:
     import mlflow
 
     metrics = json.loads(paths.metrics_file(category).read_text())
@@ -244,6 +270,9 @@ def register(params: Params, category: str) -> dict[str, Any]:
     existing = find_version(client, name, digest)
     if existing is not None:
         logger.info("%s: model unchanged, already version %s", name, existing.version)
+        if not existing.aliases and str(existing.version) == latest_version(client, name):
+            client.set_registered_model_alias(name, CHALLENGER, existing.version)  # finish an interrupted run
+            maybe_promote(client, params, name, str(existing.version))
         return record_registration(client, category, existing.version, existing.run_id, created=False)
     mlflow.set_experiment(params.tracking.experiment)
     tags = {

@@ -109,7 +109,7 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
-PROJECT_FILES = ("adps", "flows", "scripts", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
+PROJECT_FILES = ("adps", "flows", "scripts", "dvc.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

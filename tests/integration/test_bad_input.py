@@ -312,3 +312,21 @@ def test_validate_leaves_nothing_in_the_system_temp_dir(project, tmp_path, monke
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     stages.validate(tiny_params())
     assert list(scratch.iterdir()) == []
+
+
+class Payload:
+    """An object whose unpickling would run code (creates a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": 1, "state": Payload(marker)}, tmp_path / "psm.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_checkpoint(tmp_path / "psm.pt")
+    assert not marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -137,3 +138,79 @@ def test_killed_tune_is_continued_and_its_dead_trial_marked_failed(tmp_path):
     leftovers = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob(f"adps-trial-{killed.pid}*")]
     assert leftovers == []
     assert yaml.safe_load((root / "reports/tuning/washer/best_params.yaml").read_text())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlflow_server(folder: Path, port: int, log: Path) -> subprocess.Popen:
+    """A real tracking server with proxied artifacts; returns when it answers."""
+    import urllib.request
+
+    server = start(
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        folder,
+        project_env(folder),
+        log,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            assert time.monotonic() < deadline and server.poll() is None, log.read_text()
+            time.sleep(0.5)
+
+
+def test_mlflow_server_killed_during_register_then_rerun_registers_once(trained_project, tmp_path):
+    import sqlite3
+
+    root = tmp_path / "project"
+    shutil.copytree(trained_project[0], root)
+    write_params(root, data={"categories": ["washer"], "image_size": 64})
+    store, port = tmp_path / "server", free_port()
+    store.mkdir()
+    env = project_env(root)
+    env.update(
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="1",
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+    )
+    server = mlflow_server(store, port, tmp_path / "server1.log")
+
+    def run_started() -> bool:
+        with sqlite3.connect(store / "mlflow.db") as db:
+            return db.execute("select count(*) from runs").fetchone()[0] > 0
+
+    register = start(["adps", "register", "-c", "washer"], root, env, tmp_path / "register.log")
+    kill_when(server, run_started, "a registration run")
+    assert register.wait(timeout=300) == 1
+    message = (tmp_path / "register.log").read_text()
+    assert "lost the MLflow tracking server" in message and "Traceback" not in message
+    assert (root / "models/washer/psm.pt").is_file()
+
+    server = mlflow_server(store, port, tmp_path / "server2.log")
+    try:
+        run(["adps", "register", "-c", "washer"], root, env)
+        versions = MlflowClient(f"http://127.0.0.1:{port}").search_model_versions("name='adps-washer'")
+        assert len(versions) == 1 and set(versions[0].aliases) == {"challenger", "champion"}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)

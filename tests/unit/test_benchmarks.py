@@ -1,7 +1,7 @@
 """The benchmark scripts keep working (tiny sizes; their numbers are reported in the README, not asserted)."""
 
 from benchmarks.ablation import ablation_table
-from benchmarks.cost import aupro_seconds, cost_table, measure
+from benchmarks.cost import cost_table, measure
 from tests.conftest import REPO_ROOT
 
 
@@ -13,7 +13,6 @@ def test_cost_benchmark_measures_every_step():
     both = timings["distill_train_s"] + timings["psm_train_s"]
     ratio = both / timings["backbone_train_s"]
     assert f"| ADPS training, both stages per batch | {both:.3f} | {ratio:.2f} |" in table
-    assert aupro_seconds(n_maps=4, size=32) > 0
 
 
 def test_ablation_table_has_a_mean_row():
