@@ -204,8 +204,11 @@ def predict(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Model folder (models/<category>) or models:/adps-<category>@champion.")
     ],
-    input: Annotated[Path, typer.Option("--input", "-i", help="An image file or a folder of images.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="An image file or a folder of images (recursive).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for predictions.csv and heatmaps/.")],
+    save_maps: Annotated[
+        Path | None, typer.Option("--save-maps", help="Folder for each raw anomaly map as float32 .npy.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     params: Annotated[Path, typer.Option("--params", "-p", help="Params file, for tracking.uri only.")] = (
@@ -216,7 +219,7 @@ def predict(
     configure_logging()
     with reported_errors():
         predictor = load_predictor(model, params, device)
-        result = predict_to_folder(predictor, input, output, batch_size, progress=sys.stderr.isatty())
+        result = predict_to_folder(predictor, input, output, batch_size, sys.stderr.isatty(), save_maps)
     typer.echo(json.dumps(result, indent=2))
 
 

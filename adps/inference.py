@@ -14,6 +14,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
-from adps.data.datasets import Normalizer, load_rgb
+from adps.data.datasets import Normalizer, read_rgb
 from adps.errors import AdpsError, ImageReadError
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
-from adps.files import file_sha256, replace_dir_atomically, write_text_atomically
+from adps.files import build_dir, file_sha256, replace_dir_atomically, swap_in_dir, write_text_atomically
 from adps.training.checkpoints import load_model
 
 logger = logging.getLogger(__name__)
@@ -35,8 +38,18 @@ THRESHOLD_KEYS = ("image", "pixel", "score")
 
 
 @dataclass
+class ImageSource:
+    """One input: a file path or the image file's bytes; ``error`` set when it was refused before reading."""
+
+    name: str
+    path: Path | None = None
+    data: bytes | None = None
+    error: str = ""
+
+
+@dataclass
 class ImagePrediction:
-    """One image's result; ``error`` is set (and the rest empty) when the file could not be read."""
+    """One image's result; ``error`` is set (and the rest empty) when the image could not be read."""
 
     path: str
     score: float | None = None
@@ -44,6 +57,7 @@ class ImagePrediction:
     threshold: float | None = None
     anomaly_map: np.ndarray | None = None
     image: np.ndarray | None = None
+    original_size: tuple[int, int] | None = None
     error: str = ""
 
 
@@ -89,24 +103,29 @@ class Predictor:
         out = self.model(batch)
         return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy()
 
-    def read(self, path: Path) -> ImagePrediction:
+    def read(self, source: ImageSource) -> ImagePrediction:
+        if source.error:
+            return ImagePrediction(source.name, error=source.error)
         try:
-            return ImagePrediction(str(path), image=load_rgb(path, self.size))
+            raw = io.BytesIO(source.data) if source.data is not None else source.path
+            image, original = read_rgb(raw, self.size, source.name)
+            return ImagePrediction(source.name, image=image, original_size=original)
         except ImageReadError as err:
             logger.warning("skipping unreadable image: %s", err)
-            return ImagePrediction(str(path), error=str(err))
+            return ImagePrediction(source.name, error=str(err))
 
     def predict_paths(self, paths: list[Path], batch_size: int = 16) -> list[ImagePrediction]:
         """Predict every path; unreadable files come back with ``error`` set and do not stop the rest."""
+        sources = [ImageSource(str(p), path=Path(p)) for p in paths]
         return [
             r
-            for start in range(0, len(paths), batch_size)
-            for r in self.predict_batch(paths[start : start + batch_size])
+            for start in range(0, len(sources), batch_size)
+            for r in self.predict_batch(sources[start : start + batch_size])
         ]
 
-    def predict_batch(self, paths: list[Path]) -> list[ImagePrediction]:
-        """Decode and score one batch of files (memory holds one batch at a time)."""
-        results = [self.read(p) for p in paths]
+    def predict_batch(self, sources: list[ImageSource]) -> list[ImagePrediction]:
+        """Decode and score one batch (memory holds one batch at a time); errors stay on their row."""
+        results = [self.read(s) for s in sources]
         readable = [r for r in results if not r.error]
         if readable:
             threshold = float(self.thresholds["image"])
@@ -115,6 +134,55 @@ class Predictor:
                 r.anomaly_map, r.score, r.threshold = anomaly_map, float(score), threshold
                 r.is_anomalous = bool(score >= threshold)
         return results
+
+    def regions(self, result: ImagePrediction) -> list[dict[str, Any]]:
+        """The result's defect regions (see :func:`defect_regions`) at the pixel threshold."""
+        return defect_regions(result.anomaly_map, float(self.thresholds["pixel"]), result.original_size)
+
+
+def defect_regions(anomaly_map: np.ndarray, threshold: float, image_size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Connected regions of ``anomaly_map >= threshold``, strongest first, in the input image's pixels.
+
+    Each: ``x, y, width, height`` (bounding box), ``area`` (pixels of the region), ``peak`` (highest score).
+    """
+    labels, _ = ndimage.label(anomaly_map >= threshold)
+    scale_x, scale_y = image_size[0] / anomaly_map.shape[1], image_size[1] / anomaly_map.shape[0]
+    regions = []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[box] == index
+        rows, cols = box
+        regions.append(
+            {
+                "x": round(cols.start * scale_x),
+                "y": round(rows.start * scale_y),
+                "width": round((cols.stop - cols.start) * scale_x),
+                "height": round((rows.stop - rows.start) * scale_y),
+                "area": round(float(inside.sum()) * scale_x * scale_y),
+                "peak": float(anomaly_map[box][inside].max()),
+            }
+        )
+    return sorted(regions, key=lambda region: -region["peak"])
+
+
+def allowed_path(value: str, root: Path | None) -> Path:
+    """A path a client sent, accepted only when it is a regular file under the server's allowed ``root``.
+
+    Without a root, paths are refused outright. The same message for "missing" and "outside" tells a
+    client nothing about which files exist; special files (FIFOs, devices) are refused so they cannot
+    hang the server.
+    """
+    refused = "path not accepted: send the image itself (base64), or a file under the server's allowed root"
+    if root is None:
+        raise AdpsError("paths are not accepted by this server: send the image itself (base64 in column 'image')")
+    try:
+        resolved = Path(value).resolve(strict=True)
+        inside = resolved.is_relative_to(root.resolve(strict=True))
+        regular = stat.S_ISREG(resolved.stat().st_mode)
+    except (OSError, RuntimeError, ValueError):
+        raise AdpsError(refused) from None
+    if not (inside and regular):
+        raise AdpsError(refused)
+    return resolved
 
 
 def resolve_device(device: str) -> torch.device:
@@ -194,13 +262,13 @@ def output_name(path: Path, source: Path) -> Path:
     return path.relative_to(source) if source.is_dir() else Path(path.name)
 
 
-def check_output(output: Path) -> None:
-    """Fail before any scoring when the output folder cannot be (re)written."""
+def check_output(output: Path, marker: str = "predictions.csv") -> None:
+    """Fail before any scoring when an output folder cannot be (re)written (``marker``: a file only we write)."""
     if output.exists() and not output.is_dir():
-        raise AdpsError(f"--output {output} is a file: give a folder for predictions.csv and heatmaps/.")
-    if output.is_dir() and any(output.iterdir()) and not (output / "predictions.csv").is_file():
+        raise AdpsError(f"output {output} is a file: give a folder.")
+    if output.is_dir() and any(output.iterdir()) and not (output / marker).is_file():
         raise AdpsError(
-            f"--output {output} is a non-empty folder that `adps predict` did not write; "
+            f"output {output} is a non-empty folder that `adps predict` did not write; "
             "give a new or empty folder (its contents would be replaced)."
         )
     parent = output.absolute().parent
@@ -227,52 +295,82 @@ def output_lock(output: Path) -> Iterator[None]:
 
 
 def predict_to_folder(
-    predictor: Predictor, source: Path, output: Path, batch_size: int = 16, progress: bool = False
+    predictor: Predictor,
+    source: Path,
+    output: Path,
+    batch_size: int = 16,
+    progress: bool = False,
+    save_maps: Path | None = None,
 ) -> dict[str, Any]:
     """Predict ``source`` (file or folder, recursively); write ``predictions.csv`` and ``heatmaps/<relative path>.png``.
 
     Images are decoded, scored and drawn one batch at a time. The output folder is built beside the
-    target and swapped in when complete: it never mixes files of two runs.
+    target and swapped in when complete: it never mixes files of two runs. ``save_maps`` gets each raw
+    anomaly map as float32 ``<relative path>.npy`` (model resolution), for re-scoring elsewhere.
     """
     if batch_size < 1:
         raise AdpsError(f"--batch-size must be at least 1 (got {batch_size})")
     inputs = collect_inputs(source)
     check_output(output)
+    if save_maps is not None:
+        check_output(save_maps, marker=MAPS_MARKER)
     summary: dict[str, Any] = {}
+    job = PredictionJob(predictor, source, output, batch_size, progress)
+
+    def build(tmp: Path, maps_tmp: Path | None = None) -> None:
+        summary.update(job.write(inputs, tmp, maps_tmp))
+
     with output_lock(output):
-        replace_dir_atomically(
-            output,
-            lambda tmp: summary.update(write_predictions(predictor, inputs, source, output, tmp, batch_size, progress)),
-        )
+        if save_maps is None:
+            replace_dir_atomically(output, build)
+        else:
+            with output_lock(save_maps):
+                maps_tmp = build_dir(save_maps, lambda tmp: (tmp / MAPS_MARKER).write_text("adps predict maps\n"))
+                try:
+                    replace_dir_atomically(output, lambda tmp: build(tmp, maps_tmp))
+                except BaseException:
+                    shutil.rmtree(maps_tmp, ignore_errors=True)
+                    raise
+                swap_in_dir(maps_tmp, save_maps)
     return {"predictions": str(output / "predictions.csv"), **summary}
 
 
-def write_predictions(
-    predictor: Predictor, inputs: list[Path], source: Path, output: Path, folder: Path, batch_size: int, progress: bool
-) -> dict[str, Any]:
-    """Rows and heatmaps into ``folder`` (the temp folder that becomes ``output``)."""
-    rows, failed, anomalous = [], [], 0
-    batches = range(0, len(inputs), batch_size)
-    for start in tqdm(batches, desc="predicting", unit="batch", disable=not progress):
-        for r in predictor.predict_batch(inputs[start : start + batch_size]):
-            heatmap = ""
-            if r.error:
-                failed.append(r.path)
-            else:
-                anomalous += bool(r.is_anomalous)
-                name = output_name(Path(r.path), source)
-                panel = heatmap_panel(r.image, r.anomaly_map, float(predictor.thresholds["pixel"]), None)
-                save_heatmap(folder / "heatmaps" / f"{name}.png", panel, f"{name} score={r.score:.3f}")
-                heatmap = str(output / "heatmaps" / f"{name}.png")
-            rows.append(
-                {
-                    "path": r.path,
-                    "score": r.score,
-                    "is_anomalous": r.is_anomalous,
-                    "threshold": r.threshold,
-                    "heatmap": heatmap,
-                    "error": r.error,
-                }
-            )
-    write_text_atomically(folder / "predictions.csv", predictions_csv(rows))
-    return {"n_images": len(rows), "n_anomalous": anomalous, "n_unreadable": len(failed), "unreadable": failed}
+MAPS_MARKER = ".adps-maps"
+
+
+@dataclass
+class PredictionJob:
+    """Rows, heatmaps and raw maps of one ``adps predict``, written into temp folders batch by batch."""
+
+    predictor: Predictor
+    source: Path
+    output: Path
+    batch_size: int
+    progress: bool
+
+    def write(self, inputs: list[Path], folder: Path, maps_folder: Path | None) -> dict[str, Any]:
+        rows, failed, anomalous = [], [], 0
+        sources = [ImageSource(str(p), path=p) for p in inputs]
+        batches = range(0, len(sources), self.batch_size)
+        for start in tqdm(batches, desc="predicting", unit="batch", disable=not self.progress):
+            for r in self.predictor.predict_batch(sources[start : start + self.batch_size]):
+                heatmap = ""
+                if r.error:
+                    failed.append(r.path)
+                else:
+                    anomalous += bool(r.is_anomalous)
+                    heatmap = self.save_outputs(r, folder, maps_folder)
+                rows.append({k: getattr(r, k) for k in CSV_COLUMNS if k != "heatmap"} | {"heatmap": heatmap})
+        write_text_atomically(folder / "predictions.csv", predictions_csv(rows))
+        return {"n_images": len(rows), "n_anomalous": anomalous, "n_unreadable": len(failed), "unreadable": failed}
+
+    def save_outputs(self, r: ImagePrediction, folder: Path, maps_folder: Path | None) -> str:
+        """Heatmap PNG (and raw map) of one image, named by its path relative to the input folder."""
+        name = output_name(Path(r.path), self.source)
+        panel = heatmap_panel(r.image, r.anomaly_map, float(self.predictor.thresholds["pixel"]), None)
+        save_heatmap(folder / "heatmaps" / f"{name}.png", panel, f"{name} score={r.score:.3f}")
+        if maps_folder is not None:
+            target = maps_folder / f"{name}.npy"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, r.anomaly_map.astype(np.float32))
+        return str(self.output / "heatmaps" / f"{name}.png")

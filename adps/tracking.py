@@ -163,19 +163,22 @@ def log_pyfunc(category: str):
     """Log the deployable model (psm.pt + thresholds.json) as a pyfunc with a signature."""
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "path")]),
+        inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),
         outputs=Schema(
             [
-                ColSpec("string", "path"),
+                ColSpec("string", "name"),
                 ColSpec("double", "score"),
                 ColSpec("boolean", "is_anomalous"),
                 ColSpec("double", "threshold"),
+                ColSpec("string", "regions"),
+                ColSpec("string", "map_png"),
                 ColSpec("string", "error"),
             ]
         ),
+        params=ParamSchema([ParamSpec("return_map", "boolean", False)]),
     )
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "model_dir"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -24,25 +25,31 @@ MAX_IMAGE_PIXELS = 64_000_000  # larger files are refused before decoding (a dec
 MIN_IMAGE_SIDE = 16  # smaller images carry no texture to score; resizing them up only invents pixels
 
 
-def load_rgb(path: Path, size: int) -> Array:
-    """Read an image as (size, size, 3) float32 RGB in [0, 1] (bilinear resize).
+def load_rgb(path: Path | IO[bytes], size: int, name: str | None = None) -> Array:
+    """Read an image as (size, size, 3) float32 RGB in [0, 1] (bilinear resize); see :func:`read_rgb`."""
+    return read_rgb(path, size, name)[0]
+
+
+def read_rgb(source: Path | IO[bytes], size: int, name: str | None = None) -> tuple[Array, tuple[int, int]]:
+    """An image file (or its bytes) as (size, size, 3) float32 RGB in [0, 1], and its original (width, height).
 
     8-bit images map 0..255 to [0, 1]; 16-bit ones 0..65535; float images are taken as [0, 1] when
-    every value lies there (else as 0..255, or 0..65535 above 255).
+    every value lies there (else as 0..255, or 0..65535 above 255). ``name`` labels errors for bytes.
 
     Raises:
         ImageReadError: the file is missing, truncated, not an image, too large or too small.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             check_image_size(img.size)
             img.load()
+            original = img.size
             if img.mode.startswith("I") or img.mode == "F":
                 img = Image.fromarray(to_8bit(np.asarray(img, dtype=np.float64), img.mode))
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.float32) / 255.0
+            return np.asarray(img, dtype=np.float32) / 255.0, original
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
+        raise ImageReadError(f"cannot read image {name or source}: {err}") from err
 
 
 def check_image_size(size: tuple[int, int]) -> None:

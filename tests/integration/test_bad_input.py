@@ -94,12 +94,16 @@ def test_nested_folders_links_and_suffixes_get_their_own_rows_and_heatmaps(model
     Image.open(images / "good.png").convert("RGB").save(images / "a" / "x.jpg")
     (images / "dangling.png").symlink_to(images / "missing.png")
     (images / "loop").symlink_to(images, target_is_directory=True)
-    predict_to_folder(Predictor.from_dir(model_copy, "cpu"), images, tmp_path / "out")
+    maps = tmp_path / "maps"
+    predict_to_folder(Predictor.from_dir(model_copy, "cpu"), images, tmp_path / "out", save_maps=maps)
     rows = read_rows(tmp_path / "out", key="relative")
     assert {"a/x.png", "b/x.png", "a/x.jpg", "good.png", "dangling.png", "loop"} == set(rows)
     assert rows["dangling.png"]["error"] and rows["loop"]["error"]
     for name in ("a/x.png", "b/x.png", "a/x.jpg"):
         assert (tmp_path / "out" / "heatmaps" / f"{name}.png").is_file()
+        raw = np.load(maps / f"{name}.npy")
+        assert raw.dtype == np.float32 and raw.shape == (64, 64)
+    assert sorted(p.name for p in maps.rglob("*.npy")) == ["good.png.npy", "x.jpg.npy", "x.png.npy", "x.png.npy"]
 
 
 def test_rerun_replaces_the_whole_output_folder_and_a_busy_folder_is_refused(model_copy, images, tmp_path):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
 import socket
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from adps import paths, stages, tracking
 from adps.errors import AdpsError
@@ -55,10 +59,39 @@ def test_pyfunc_loaded_by_alias_predicts_the_checkpoint_scores(store):
     import mlflow.pyfunc
     import pandas as pd
 
-    frame = mlflow.pyfunc.load_model("models:/adps-washer@challenger").predict(
-        pd.DataFrame({"path": [str(p) for p in images]})
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
+    model = mlflow.pyfunc.load_model("models:/adps-washer@challenger")
+    frame = model.predict(pd.DataFrame({"image": [*encoded, "bm90IGFuIGltYWdl"]}), params={"return_map": True})
+    np.testing.assert_allclose(frame["score"][:-1], local, rtol=1e-6)
+    assert frame["error"][: len(images)].eq("").all() and "cannot read image row" in frame["error"].iloc[-1]
+    pixel = json.loads(paths.thresholds_file("washer").read_text())["pixel"]
+    for row, path in zip(frame.itertuples(), images, strict=False):
+        regions = json.loads(row.regions)
+        anomaly_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(row.map_png)))) / 65535
+        assert (len(regions) > 0) == bool((anomaly_map >= pixel - 1e-4).any()), path
+        for region in regions:
+            assert 0 <= region["x"] < 64 and region["area"] <= region["width"] * region["height"]
+
+
+def test_served_model_opens_no_path_unless_allowed(store, monkeypatch, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    stages.register(tiny_params(), "washer")
+    image = sorted(paths.category_dir(tiny_params(), "washer").glob("test/good/*.png"))[0].resolve()
+    probes = ["/etc/shadow", "/etc/no-such-file", str(image)]
+    refused = mlflow.pyfunc.load_model("models:/adps-washer@champion").predict(pd.DataFrame({"path": probes}))
+    assert refused["error"].str.startswith("paths are not accepted").all()
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.setenv("ADPS_SERVE_ALLOWED_ROOT", str(image.parent))
+    allowed = mlflow.pyfunc.load_model("models:/adps-washer@champion").predict(
+        pd.DataFrame(
+            {"path": [*probes, str(image.parent / ".." / ".." / ".." / "params.yaml"), str(tmp_path / "fifo")]}
+        )
     )
-    np.testing.assert_allclose(frame["score"], local, rtol=1e-6)
+    assert allowed["error"][2] == "" and allowed["score"][2] > 0
+    outside = allowed["error"].drop(index=2)
+    assert outside.str.startswith("path not accepted").all() and outside.nunique() == 1  # no existence oracle
 
 
 def change_model(metric_value: float) -> None:

@@ -43,7 +43,7 @@ def test_the_readme_has_commands_and_activates_the_environment_first():
 
 
 def test_every_program_is_installed_or_a_shell_builtin():
-    builtins = {"source", "make", "git"}
+    builtins = {"source", "make", "git", "curl"}  # shell and system tools
     for argv in all_commands():
         assert argv[0] in builtins or (BIN / argv[0]).exists(), argv
 
