@@ -122,6 +122,19 @@ def evaluate(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PAT
 
 
 @app.command()
+def export(
+    category: CategoryOption,
+    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    params: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Export the category's deployable model to models/<category>/model.onnx (ONNX Runtime, no PyTorch)."""
+    if format != "onnx":
+        console.print(f"[bold red]error:[/] unknown --format '{format}': onnx is the one supported")
+        raise typer.Exit(1)
+    run_stage(stages.export, params, category)
+
+
+@app.command()
 def register(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Log the category's MLflow run and register its model as adps-<category> (alias challenger)."""
     run_stage(stages.register, params, category)
@@ -188,8 +201,16 @@ def mean_of(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def load_predictor(model: str, params_path: Path, device: str) -> Predictor:
+def load_predictor(model: str, params_path: Path, device: str, runtime: str = "torch") -> Predictor:
     """A model folder, or a registry URI ``models:/adps-<category>@champion`` (tracking URI from params)."""
+    if runtime not in ("torch", "onnx"):
+        raise AdpsError(f"unknown --runtime '{runtime}': use torch or onnx")
+    if runtime == "onnx":
+        if model.startswith("models:/"):
+            raise AdpsError("--runtime onnx takes a model folder with model.onnx (adps export), not a registry URI")
+        from adps.export import OnnxPredictor
+
+        return OnnxPredictor.from_dir(Path(model)).to(device)
     if not model.startswith("models:/"):
         return Predictor.from_dir(Path(model), device)
     from adps import tracking
@@ -211,6 +232,9 @@ def predict(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    runtime: Annotated[str, typer.Option(help="torch, or onnx (models/<category>/model.onnx in ONNX Runtime).")] = (
+        "torch"
+    ),
     params: Annotated[Path, typer.Option("--params", "-p", help="Params file, for tracking.uri only.")] = (
         DEFAULT_PARAMS_PATH
     ),
@@ -218,7 +242,7 @@ def predict(
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
     configure_logging()
     with reported_errors():
-        predictor = load_predictor(model, params, device)
+        predictor = load_predictor(model, params, device, runtime)
         result = predict_to_folder(predictor, input, output, batch_size, sys.stderr.isatty(), save_maps)
     typer.echo(json.dumps(result, indent=2))
 

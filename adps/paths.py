@@ -61,6 +61,11 @@ def thresholds_file(category: str) -> Path:
     return model_dir(category) / "thresholds.json"
 
 
+def onnx_file(category: str) -> Path:
+    """``models/<category>/model.onnx``: the whole inference path for ONNX Runtime (``adps export``)."""
+    return model_dir(category) / "model.onnx"
+
+
 def resume_checkpoint(final: Path) -> Path:
     """In-progress training state next to a final checkpoint (survives interruption, not a DVC output)."""
     return final.with_name(f".{final.stem}.resume.pt")

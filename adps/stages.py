@@ -318,6 +318,14 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in METRIC_NAMES}}
 
 
+def export(params: Params, category: str) -> dict[str, Any]:
+    """Stage ``export@C``: the deployable model as ONNX (models/C/model.onnx), metadata inside."""
+    from adps.export import export_onnx
+
+    check_category(params, category)
+    return export_onnx(paths.model_dir(category), paths.onnx_file(category))
+
+
 def register(params: Params, category: str) -> dict[str, Any]:
     """Stage ``register@C``: MLflow run + pyfunc model registered as ``adps-<C>`` (alias challenger).
 

@@ -183,8 +183,9 @@ def log_pyfunc(category: str):
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "model_dir"
         bundle.mkdir()
-        for path in (paths.psm_checkpoint(category), paths.thresholds_file(category)):
-            shutil.copy2(path, bundle / path.name)
+        for path in (paths.psm_checkpoint(category), paths.thresholds_file(category), paths.onnx_file(category)):
+            if path.is_file():  # model.onnx: present when `adps export` ran (always in dvc.yaml and the flow)
+                shutil.copy2(path, bundle / path.name)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_CODE),
@@ -273,7 +274,8 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
     existing = find_version(client, name, digest)
     if existing is not None:
         logger.info("%s: model unchanged, already version %s", name, existing.version)
-        if not existing.aliases and str(existing.version) == latest_version(client, name):
+        aliases = client.get_model_version(name, existing.version).aliases  # search results carry none
+        if not aliases and str(existing.version) == latest_version(client, name):
             client.set_registered_model_alias(name, CHALLENGER, existing.version)  # finish an interrupted run
             maybe_promote(client, params, name, str(existing.version))
         return record_registration(client, category, existing.version, existing.run_id, created=False)

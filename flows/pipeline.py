@@ -41,6 +41,7 @@ validate_task = stage_task(stages.validate)
 distill_task = stage_task(stages.distill)
 psm_task = stage_task(stages.psm)
 evaluate_task = stage_task(stages.evaluate)
+export_task = stage_task(stages.export)
 register_task = stage_task(stages.register, retries=TRANSIENT_RETRIES)
 
 
@@ -101,7 +102,7 @@ def dvc_targets(categories: list[str]) -> list[str]:
     return [
         "prepare",
         "validate",
-        *[f"{stage}@{c}" for c in categories for stage in ("distill", "psm", "evaluate", "register")],
+        *[f"{stage}@{c}" for c in categories for stage in ("distill", "psm", "evaluate", "export", "register")],
     ]
 
 
@@ -113,8 +114,9 @@ def train_categories(params_path: str, categories: list[str]) -> list[dict[str, 
         d = distill_task.submit(params_path, category)
         p = psm_task.submit(params_path, category, wait_for=[d])
         e = evaluate_task.submit(params_path, category, wait_for=[p])
-        r = register_task.submit(params_path, category, wait_for=[e])
-        chains[category] = {"distill": d, "psm": p, "evaluate": e, "register": r}
+        x = export_task.submit(params_path, category, wait_for=[e])
+        r = register_task.submit(params_path, category, wait_for=[x])
+        chains[category] = {"distill": d, "psm": p, "evaluate": e, "export": x, "register": r}
     wait([f for chain in chains.values() for f in chain.values()])
     return [category_row(category, chain) for category, chain in chains.items()]
 

@@ -136,10 +136,20 @@ def make_dvc_project(root: Path, env: dict[str, str], **params: dict[str, Any]) 
 
 
 def output_digests(root: Path, category: str = "washer") -> dict[str, str]:
-    """sha256 of a category's model files and metrics, to compare two runs of the same params."""
+    """sha256 of a category's model files and metrics, and DVC's md5 of its model outs in dvc.lock.
+
+    Two runs of the same params compare equal on all of them (the training-history plots, which hold
+    wall-clock seconds, are left out).
+    """
     files = [root / "models" / category / name for name in ("student.pt", "psm.pt", "thresholds.json")]
     files.append(root / "reports" / "metrics" / f"{category}.json")
-    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    digests = {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for stage in (f"distill@{category}", f"psm@{category}", f"evaluate@{category}"):
+        for out in lock[stage]["outs"]:
+            if out["path"].startswith("models/"):
+                digests[f"dvc.lock {out['path']}"] = out["md5"]
+    return digests
 
 
 @pytest.fixture(scope="session")

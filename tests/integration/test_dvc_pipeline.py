@@ -20,7 +20,15 @@ def dvc_project(repro_project):
 
 def test_repro_runs_every_stage_and_writes_metrics(dvc_project):
     root, env, first = dvc_project
-    for stage in ("prepare", "validate", "distill@washer", "psm@washer", "evaluate@washer", "register@washer"):
+    for stage in (
+        "prepare",
+        "validate",
+        "distill@washer",
+        "psm@washer",
+        "evaluate@washer",
+        "export@washer",
+        "register@washer",
+    ):
         assert f"Running stage '{stage}'" in first
     metrics = json.loads((root / "reports/metrics/washer.json").read_text())
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], root, env).splitlines()[-1])
@@ -63,6 +71,6 @@ def test_psm_param_change_reruns_only_psm_evaluate_register(dvc_project):
     )
     out = run(["dvc", "repro"], root, env)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"psm@washer", "evaluate@washer", "register@washer"}
+    assert ran == {"psm@washer", "evaluate@washer", "export@washer", "register@washer"}
     registry = json.loads((root / "reports/registry/washer.json").read_text())
     assert registry["version"] == "2" and registry["created"]

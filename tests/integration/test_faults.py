@@ -210,7 +210,8 @@ def test_mlflow_server_killed_during_register_then_rerun_registers_once(trained_
     server = mlflow_server(store, port, tmp_path / "server2.log")
     try:
         run(["adps", "register", "-c", "washer"], root, env)
-        versions = MlflowClient(f"http://127.0.0.1:{port}").search_model_versions("name='adps-washer'")
-        assert len(versions) == 1 and set(versions[0].aliases) == {"challenger", "champion"}
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        assert len(client.search_model_versions("name='adps-washer'")) == 1
+        assert set(client.get_model_version("adps-washer", "1").aliases) == {"challenger", "champion"}
     finally:
         os.killpg(server.pid, signal.SIGKILL)

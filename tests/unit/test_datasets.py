@@ -55,5 +55,5 @@ def test_sixteen_bit_images_are_scaled(tmp_path):
     from PIL import Image
 
     path = tmp_path / "g16.png"
-    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(path)
+    Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(path)
     assert np.allclose(load_rgb(path, 8), 1.0)

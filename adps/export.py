@@ -1,0 +1,122 @@
+"""ONNX export of a deployable model, and an ONNX Runtime predictor with the PyTorch one's interface.
+
+The graph holds the whole inference path: teacher, patch student with stitching, WMB, PSM, Gaussian
+smoothing and the image score. Input ``image``: (batch, 3, S, S) float32, already normalised (see the
+metadata). Outputs ``anomaly_map``: (batch, 1, S, S) float32 in [0, 1], ``image_score``: (batch,).
+Metadata (``onnx`` ``metadata_props``) holds what a runtime without this project needs: input size,
+normalisation, thresholds, score settings, category and the sha256 of the source checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adps.errors import AdpsError
+from adps.files import file_sha256, write_atomically
+from adps.inference import Predictor, read_thresholds
+
+logger = logging.getLogger(__name__)
+OPSET = 18
+INPUT_NAME, OUTPUT_NAMES = "image", ("anomaly_map", "image_score")
+
+
+class MapsAndScores(torch.nn.Module):
+    """The ADPS model with tensor outputs only (ONNX graphs return tensors, not dataclasses)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(image)
+        return out.anomaly_map, out.image_score
+
+
+def onnx_metadata(predictor: Predictor, folder: Path) -> dict[str, str]:
+    thresholds = predictor.thresholds
+    return {
+        "format": "adps-onnx-1",
+        "image_size": str(predictor.size),
+        "normalize_mean": json.dumps(predictor.normalize.mean.flatten().tolist()),
+        "normalize_std": json.dumps(predictor.normalize.std.flatten().tolist()),
+        "preprocessing": "RGB, bilinear resize to image_size, x/255, (x - mean) / std, NCHW float32",
+        "image_threshold": str(thresholds["image"]),
+        "pixel_threshold": str(thresholds["pixel"]),
+        "score": json.dumps(thresholds["score"]),
+        "category": str(thresholds.get("category", "")),
+        "checkpoint_sha256": file_sha256(folder / "psm.pt"),
+        "outputs": "anomaly_map (batch,1,S,S) in [0,1]; image_score (batch,): anomalous when >= image_threshold",
+    }
+
+
+def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
+    """Export the model folder (psm.pt + thresholds.json) to ``target`` with a dynamic batch."""
+    import onnx
+
+    predictor = Predictor.from_dir(folder, "cpu")
+    wrapped = MapsAndScores(predictor.model).eval()
+    example = torch.zeros(2, 3, predictor.size, predictor.size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.onnx.export(
+        wrapped,
+        (example,),
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={"image": {0: batch}},
+        verbose=False,
+    )
+    proto = program.model_proto
+    for key, value in onnx_metadata(predictor, folder).items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    write_atomically(target, lambda tmp: onnx.save(proto, str(tmp)))
+    return {"onnx": str(target), "opset": OPSET, "bytes": target.stat().st_size}
+
+
+class OnnxPredictor(Predictor):
+    """A :class:`Predictor` whose forward pass runs in ONNX Runtime (no PyTorch model is built)."""
+
+    def __init__(self, onnx_path: Path, thresholds: dict[str, Any], threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.size = int(meta["image_size"])
+        mean, std = json.loads(meta["normalize_mean"]), json.loads(meta["normalize_std"])
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.thresholds = thresholds
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, device: str = "cpu") -> OnnxPredictor:  # type: ignore[override]
+        folder = Path(model_dir)
+        onnx_path = folder / "model.onnx"
+        if not onnx_path.is_file():
+            raise AdpsError(f"no model.onnx in {folder}: run `adps export -c <category>` first.")
+        thresholds = read_thresholds(folder / "thresholds.json")
+        predictor = cls(onnx_path, thresholds)
+        recorded = predictor.session.get_modelmeta().custom_metadata_map.get("checkpoint_sha256")
+        if (folder / "psm.pt").is_file() and recorded != file_sha256(folder / "psm.pt"):
+            raise AdpsError(f"{onnx_path} was exported from another psm.pt: run `adps export` again.")
+        return predictor
+
+    def to(self, device: str) -> OnnxPredictor:
+        if device not in ("auto", "cpu"):
+            raise AdpsError("--runtime onnx runs on the CPU here: use --device auto or cpu")
+        return self
+
+    def predict_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        batch = ((np.stack(images) - self.mean) / self.std).transpose(0, 3, 1, 2).astype(np.float32)
+        anomaly_map, score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        return anomaly_map[:, 0], score
