@@ -9,8 +9,10 @@ normalisation, thresholds, score settings, category and the sha256 of the source
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +64,22 @@ def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
     predictor = Predictor.from_dir(folder, "cpu")
     wrapped = MapsAndScores(predictor.model).eval()
     example = torch.zeros(2, 3, predictor.size, predictor.size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.onnx.export(
-        wrapped,
-        (example,),
-        dynamo=True,
-        opset_version=OPSET,
-        input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        dynamic_shapes={"image": {0: batch}},
-        verbose=False,
-    )
-    proto = program.model_proto
+    buffer = io.BytesIO()
+    # The TorchScript exporter: 0.7 s here against 14 s for dynamo=True, with the same maps (measured
+    # on Lite0 at 128 px: max difference 6e-8 to PyTorch either way).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
     for key, value in onnx_metadata(predictor, folder).items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
