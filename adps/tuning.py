@@ -80,7 +80,7 @@ def load_study(params: Params, category: str) -> optuna.Study:
         storage_url(params),
         heartbeat_interval=cfg.heartbeat_seconds,
         grace_period=2 * cfg.heartbeat_seconds,
-        failed_trial_callback=lambda _study, trial: tracking.fail_trial_run(name, trial.number),
+        heartbeat_stale_trial_callback=lambda _study, trial: tracking.fail_trial_run(name, trial.number),
     )
     return optuna.create_study(
         storage=storage,

@@ -1,0 +1,150 @@
+"""Inference speed of one model three ways, in one run on the same images, and predict's memory.
+
+    python benchmarks/serve.py --category capsule            # after make run (dvc repro exports model.onnx)
+
+Rows: PyTorch eager and ONNX Runtime on decoded, resized images (model time only), and the REST
+endpoint of the registered champion (``mlflow models serve``; base64 PNG in, JSON out: decode,
+model, regions and HTTP included), each at batch 1 and 8, as ms/image and images/s, with the same
+thread count. Then the peak RSS of ``adps predict`` on 200 and on 2,000 images (copies of the test
+images), which stays flat when prediction streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from adps import paths
+from adps.config import load_params
+from adps.data.datasets import load_rgb
+from adps.export import OnnxPredictor
+from adps.inference import Predictor
+
+BATCHES = (1, 8)
+
+
+def model_ms_per_image(predictor: Predictor, images: list, batch: int, repeats: int) -> float:
+    """Best of ``repeats`` passes over the images, in ms per image (the first batch warms up)."""
+    predictor.predict_arrays(images[:batch])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(images) - batch + 1, batch):
+            predictor.predict_arrays(images[i : i + batch])
+        best = min(best, (time.perf_counter() - start) / (len(images) // batch * batch))
+    return best * 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(category: str, threads: int, port: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"models:/adps-{category}@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    for _ in range(180):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+            return server
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("mlflow models serve did not start within 180 s")
+
+
+def rest_ms_per_image(port: int, files: list[Path], batch: int, repeats: int) -> float:
+    encoded = [base64.b64encode(f.read_bytes()).decode() for f in files]
+
+    def call(rows: list[str]) -> None:
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        urllib.request.urlopen(request, timeout=120).read()
+
+    call(encoded[:batch])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, len(encoded) - batch + 1, batch):
+            call(encoded[i : i + batch])
+        best = min(best, (time.perf_counter() - start) / (len(encoded) // batch * batch))
+    return best * 1000
+
+
+def predict_peak_rss_mb(model: Path, files: list[Path], count: int, threads: int) -> float:
+    """Peak RSS of an ``adps predict`` process on ``count`` images (copies of ``files``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "in"
+        inputs.mkdir()
+        for i in range(count):
+            shutil.copy(files[i % len(files)], inputs / f"{i:05d}.png")
+        probe = (
+            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        command = [sys.executable, "-c", probe, "adps", "predict", "--model", str(model), "--input", str(inputs),
+                   "--output", str(Path(tmp) / "out"), "--device", "cpu"]  # fmt: skip
+        out = subprocess.run(command, capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
+        return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--category", default="capsule")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-rest", action="store_true", help="leave out the REST rows (no registry)")
+    parser.add_argument("--skip-rss", action="store_true", help="leave out the predict memory rows")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    params = load_params(args.params)
+    folder = paths.model_dir(args.category)
+    files = sorted(paths.category_dir(params, args.category).glob("test/*/*.png"))
+    torch_predictor = Predictor.from_dir(folder, "cpu")
+    onnx_predictor = OnnxPredictor(paths.onnx_file(args.category), torch_predictor.thresholds, args.threads)
+    images = [load_rgb(f, torch_predictor.size) for f in files]
+    rows = []
+    for batch in BATCHES:
+        rows.append(("PyTorch eager", batch, model_ms_per_image(torch_predictor, images, batch, args.repeats)))
+        rows.append(("ONNX Runtime", batch, model_ms_per_image(onnx_predictor, images, batch, args.repeats)))
+    if not args.skip_rest:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", paths.absolute_sqlite_url(params.tracking.uri))
+        server = serve(args.category, args.threads, port := free_port())
+        try:
+            for batch in BATCHES:
+                rows.append(("REST (mlflow models serve)", batch, rest_ms_per_image(port, files, batch, args.repeats)))
+        finally:
+            os.killpg(server.pid, signal.SIGKILL)
+    print(f"{args.category}, {len(files)} test images of {torch_predictor.size}², {args.threads} threads\n")
+    print("| runtime | batch | ms/image | images/s |\n|---|---|---|---|")
+    for name, batch, ms in rows:
+        print(f"| {name} | {batch} | {ms:.1f} | {1000 / ms:.1f} |")
+    if not args.skip_rss:
+        print("\n| adps predict on | peak RSS (MB) |\n|---|---|")
+        for count in (200, 2000):
+            print(f"| {count} images | {predict_peak_rss_mb(folder, files, count, args.threads):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
