@@ -305,14 +305,18 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     thresholds.update(category=category, checkpoint_sha256=file_sha256(paths.psm_checkpoint(category)))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
-    size = params.data.image_size
+    size, built = params.data.image_size, {}
+
+    def heatmaps(tmp: Path) -> None:
+        reports.write_heatmaps(tmp, test_pred, thresholds["pixel"], params.evaluation.n_heatmaps, size)
+        built["heatmaps"] = tmp
+
+    def plots(tmp: Path) -> None:
+        reports.write_curves(tmp, test_pred, params.evaluation.curve_points)
+        reports.save_heatmap_grid(tmp / "heatmaps.png", built["heatmaps"])
+
     write_together(
-        {
-            paths.heatmaps_dir(category): lambda tmp: reports.write_heatmaps(
-                tmp, test_pred, thresholds["pixel"], params.evaluation.n_heatmaps, size
-            ),
-            paths.plots_dir(category): lambda tmp: reports.write_curves(tmp, test_pred, params.evaluation.curve_points),
-        },
+        {paths.heatmaps_dir(category): heatmaps, paths.plots_dir(category): plots},
         {paths.thresholds_file(category): json_text(thresholds), paths.metrics_file(category): json_text(metrics)},
     )
     return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in METRIC_NAMES}}

@@ -151,6 +151,7 @@ def log_run_contents(run_id: str, params: Params, category: str, metrics: dict[s
         paths.dvc_lock(),
         paths.train_history(category, "distill"),
         paths.train_history(category, "psm"),
+        paths.onnx_file(category),
     ):
         if path.is_file():
             client.log_artifact(run_id, str(path))
@@ -287,7 +288,8 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
         **git_tags(),
         **dvc_out_hashes(params, category),
     }
-    with mlflow.start_run(run_name=f"{category}", tags=tags) as run:
+    description = version_description(client, params, category, metrics, tags)  # before any promotion
+    with mlflow.start_run(run_name=f"{category}", tags={**tags, "mlflow.note.content": description}) as run:
         log_run_contents(run.info.run_id, params, category, metrics)
         info = log_pyfunc(category)
     version_tags = {
@@ -295,9 +297,71 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
         **{k: str(metrics.get(k)) for k in METRIC_NAMES},
     }
     version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
+    client.update_model_version(name, version, description=description)
+    client.update_registered_model(name, description=MODEL_DESCRIPTION.format(category=category))
     client.set_registered_model_alias(name, CHALLENGER, version)
     maybe_promote(client, params, name, version)
     return record_registration(client, category, version, run.info.run_id, created=True)
+
+
+MODEL_DESCRIPTION = """ADPS anomaly detector for product category **{category}** (Asymmetric Distillation
+Post-Segmentation, IEEE TNNLS 2024), trained and registered by the ADPS pipeline.
+
+**Input**, one row per image: column `image` = the image file's bytes, base64 (PNG, JPEG, TIFF, BMP).
+
+**Output** per image: `score`; `is_anomalous` (score >= the image threshold chosen on the validation
+split); `threshold`; `regions` (JSON list of connected regions above the pixel threshold: x, y, width,
+height, area in input-image pixels, peak score); `map_png` (base64 16-bit PNG, with param
+`return_map: true`); `error` (per row: the other rows are still answered).
+
+**Call it**: `mlflow models serve -m models:/adps-{category}@champion --env-manager local -p 5001`, then
+POST `{{"dataframe_split": {{"columns": ["image"], "data": [["<base64>"]]}}}}` to `/invocations`; or
+`mlflow.pyfunc.load_model("models:/adps-{category}@champion").predict(frame)`; or
+`adps predict --model models:/adps-{category}@champion --input DIR --output OUT`. The bundle's
+`model_dir` also holds `model.onnx` (ONNX Runtime without PyTorch; preprocessing and thresholds in
+its metadata).
+
+**Promote** a version by moving the `champion` alias on its page, or `adps promote -c {category} --version V`.
+Each version's description compares it with the champion of the time it was registered.
+"""
+
+
+def version_description(client, params: Params, category: str, metrics: dict[str, Any], tags: dict[str, str]) -> str:
+    """Markdown for a new version: its test metrics beside the current champion's, lineage, how to reproduce."""
+    name = model_name(category)
+    champion = current_champion(client, name)
+    before = {k: version_metric(client, name, champion, k) for k in METRIC_NAMES} if champion else {}
+    title = f"vs champion (version {champion})" if champion else "(no champion yet: this version becomes it)"
+    lines = [f"### {category}: test metrics {title}", "", "| metric | this version | champion | difference |"]
+    lines.append("|---|---|---|---|")
+    for key in METRIC_NAMES:
+        new, old = metrics.get(key), before.get(key)
+        difference = f"{new - old:+.4f}" if isinstance(new, float) and old is not None else ""
+        lines.append(f"| {key} | {number(new)} | {number(old)} | {difference} |")
+    registry, commit = params.registry, tags.get("git_commit", "unknown")
+    dirty = " (source or params differed from it)" if tags.get("git_dirty") == "true" else ""
+    lines += [
+        "",
+        f"Promotion metric `{registry.promote_metric}`; auto-promotion "
+        f"{'on (min delta ' + str(registry.min_delta) + ')' if registry.auto_promote else 'off: promote by hand'}.",
+        "",
+        "**Lineage**",
+        f"- teacher weights: {tags.get('teacher_weights')}",
+        f"- code: git {commit}{dirty}",
+        f"- data (DVC md5): {tags.get('dvc_data_hash', 'n/a')}; model: {tags.get('dvc_model_hash', 'n/a')}",
+        f"- thresholds (validation split): image {number(metrics.get('image_threshold'))}, "
+        f"pixel {number(metrics.get('pixel_threshold'))}",
+        "",
+        f"**Reproduce**: `git checkout {commit} && dvc pull && dvc repro register@{category}`",
+        "",
+        "The run's artifacts hold `plots/curves.png` (ROC and PR), `plots/heatmaps.png` (best and worst test "
+        "images: image | ground truth | map | predicted mask) and `model.onnx`.",
+    ]
+    return "\n".join(lines)
+
+
+def number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
 def record_registration(client, category: str, version: str, run_id: str, created: bool) -> dict[str, Any]:

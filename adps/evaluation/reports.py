@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from adps.config import EvaluationParams, ThresholdParams
 from adps.data.datasets import load_rgb
@@ -13,7 +14,7 @@ from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
 from adps.evaluation.metrics import curves, decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions
 from adps.evaluation.thresholds import choose_thresholds
-from adps.files import write_json_atomically
+from adps.files import write_atomically, write_json_atomically
 
 
 def calibrate(val: Predictions, cfg: ThresholdParams, score: dict[str, Any]) -> dict[str, Any]:
@@ -45,15 +46,44 @@ def evaluation_report(test: Predictions, thresholds: dict[str, Any], cfg: Evalua
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
 
 
-def write_curves(folder: Path, test: Predictions, points: int) -> None:
-    """ROC and PR curves at image and pixel level, as JSON lists for ``dvc plots``."""
+def curve_data(test: Predictions, points: int) -> dict[str, list[dict[str, float]]]:
+    """ROC and PR curves at image and pixel level: ``{"image_roc": [...], "pixel_pr": [...], ...}``."""
     pixel_scores, pixel_labels = test.maps.ravel(), test.masks.ravel()
     if len(pixel_scores) > 2_000_000:  # curves only: a seeded pixel subsample keeps files and time small
         keep = np.random.default_rng(0).choice(len(pixel_scores), 2_000_000, replace=False)
         pixel_scores, pixel_labels = pixel_scores[keep], pixel_labels[keep]
+    data = {}
     for level, (labels, scores) in {"image": (test.labels, test.scores), "pixel": (pixel_labels, pixel_scores)}.items():
         for kind, rows in curves(labels, scores, points).items():
-            write_json_atomically(folder / f"{level}_{kind}.json", rows)
+            data[f"{level}_{kind}"] = rows
+    return data
+
+
+def write_curves(folder: Path, test: Predictions, points: int) -> None:
+    """The curves as JSON lists for ``dvc plots``, and drawn in ``curves.png`` (the MLflow UI shows it)."""
+    data = curve_data(test, points)
+    for name, rows in data.items():
+        write_json_atomically(folder / f"{name}.json", rows)
+    save_curves_figure(folder / "curves.png", data)
+
+
+def save_curves_figure(path: Path, data: dict[str, list[dict[str, float]]]) -> None:
+    """ROC and PR curves, image and pixel level, in one 2 x 2 figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(8, 7))
+    for row, level in enumerate(("image", "pixel")):
+        for col, (kind, x, y) in enumerate((("roc", "fpr", "tpr"), ("pr", "recall", "precision"))):
+            rows, ax = data[f"{level}_{kind}"], axes[row][col]
+            ax.plot([r[x] for r in rows], [r[y] for r in rows])
+            ax.set(title=f"{level} {kind.upper()}", xlabel=x, ylabel=y, xlim=(0, 1), ylim=(0, 1.02))
+            ax.grid(alpha=0.3)
+    figure.tight_layout()
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=90))
+    plt.close(figure)
 
 
 def pick_heatmap_items(test: Predictions, n: int) -> dict[str, list[int]]:
@@ -74,3 +104,17 @@ def write_heatmaps(folder: Path, test: Predictions, pixel_threshold: float, n: i
             panel = heatmap_panel(load_rgb(path, size), test.maps[i], pixel_threshold, test.masks[i])
             caption = f"{kind} {rank + 1}: {path.parent.name}/{path.name} score={test.scores[i]:.3f}"
             save_heatmap(folder / f"{kind}_{rank + 1}_{path.parent.name}_{path.stem}.png", panel, caption)
+
+
+def save_heatmap_grid(path: Path, heatmaps: Path) -> None:
+    """The heatmap panels of a folder stacked into one image (best first, then worst), for a quick look."""
+    panels = [Image.open(p).convert("RGB") for p in sorted(heatmaps.glob("*.png"))]
+    if not panels:
+        return
+    width, height = max(p.width for p in panels), sum(p.height for p in panels)
+    grid = Image.new("RGB", (width, height), "white")
+    top = 0
+    for panel in panels:
+        grid.paste(panel, (0, top))
+        top += panel.height
+    write_atomically(path, lambda tmp: grid.save(tmp, format="PNG"))

@@ -25,7 +25,7 @@ def store(trained_project, tmp_path, monkeypatch):
     monkeypatch.chdir(trained_project[0])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return MlflowClient(uri)
+    return MlflowClient(uri, registry_uri=uri)  # not the process-wide registry URI an earlier test set
 
 
 def test_register_logs_run_and_registers_challenger_and_first_champion(store):
@@ -156,3 +156,25 @@ def test_git_dirty_counts_source_and_params_not_pipeline_outputs(tmp_path, monke
     run(["git", "checkout", "params.yaml"], tmp_path, env)
     (tmp_path / "adps" / "new_module.py").write_text("y = 2\n")  # untracked source counts too
     assert tracking.git_tags()["git_dirty"] == "true"
+
+
+def test_version_page_compares_with_the_champion_and_a_manual_champion_stays(store):
+    saved = {p: p.read_bytes() for p in (paths.thresholds_file("washer"), paths.metrics_file("washer"))}
+    try:
+        first = stages.register(tiny_params(), "washer")
+        before = json.loads(paths.metrics_file("washer").read_text())["pixel_ap"]
+        change_model(before + 0.25)  # clearly better, but auto_promote is off
+        second = stages.register(tiny_params(), "washer")
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+    assert str(store.get_model_version_by_alias("adps-washer", "champion").version) == first["version"]
+    assert second["aliases"] == ["challenger"]
+    page = store.get_model_version("adps-washer", second["version"]).description
+    assert "vs champion (version 1)" in page and f"| pixel_ap | {before + 0.25:.4f} | {before:.4f} | +0.2500 |" in page
+    assert "auto-promotion off" in page and "dvc repro register@washer" in page and "teacher weights: none" in page
+    assert "no champion yet" in store.get_model_version("adps-washer", first["version"]).description
+    assert "base64" in store.get_registered_model("adps-washer").description
+    artifacts = {a.path for a in store.list_artifacts(second["run_id"], "plots")}
+    assert {"plots/curves.png", "plots/heatmaps.png"} <= artifacts
+    assert store.get_run(second["run_id"]).data.tags["mlflow.note.content"] == page
