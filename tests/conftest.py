@@ -98,12 +98,14 @@ def project_env(root: Path) -> dict[str, str]:
     """Environment for subprocesses run in a temp project: this venv's tools first, local stores only."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    home = root.parent / f"{root.name}-home"  # tools' caches (~/.cache/matplotlib...) stay out of the repo
+    home.mkdir(exist_ok=True)
     env.update(
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="t@example.com",
         GIT_COMMITTER_NAME="test",
         GIT_COMMITTER_EMAIL="t@example.com",
-        HOME=str(root),
+        HOME=str(home),
         COLUMNS="250",
     )
     return env

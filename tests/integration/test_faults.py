@@ -106,13 +106,25 @@ def test_killed_tune_is_continued_and_its_dead_trial_marked_failed(tmp_path):
     write_params(root, data={"categories": ["washer"], "image_size": 64}, tune=tune)
 
     def running() -> bool:
-        if not (root / "optuna.db").is_file():
+        """A trial is RUNNING in Optuna and its nested MLflow run exists (the kill lands inside the trial)."""
+        if not (root / "optuna.db").is_file() or not trial_run_logged():
             return False
         try:
             study = optuna.load_study(study_name="adps-washer", storage=f"sqlite:///{root / 'optuna.db'}")
         except KeyError:
             return False
         return any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
+
+    def trial_run_logged() -> bool:
+        import sqlite3
+
+        if not (root / "mlflow.db").is_file():
+            return False
+        try:
+            with sqlite3.connect(root / "mlflow.db") as db:
+                return db.execute("select count(*) from tags where key = 'optuna_trial'").fetchone()[0] > 0
+        except sqlite3.OperationalError:  # tables not created yet
+            return False
 
     killed = start(["adps", "tune", "-c", "washer", "--trials", "2"], root, env, tmp_path / "tune.log")
     kill_when(killed, running, "a running trial")
