@@ -55,9 +55,11 @@ def free_port() -> int:
 
 
 def serve(category: str, threads: int, port: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # its workers call mlflow
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PATH": path}
     server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", f"models:/adps-{category}@champion", "--env-manager", "local",
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/adps-{category}@champion",
+         "--env-manager", "local",
          "--host", "127.0.0.1", "-p", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -101,7 +103,8 @@ def predict_peak_rss_mb(model: Path, files: list[Path], count: int, threads: int
             "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
         )
-        command = [sys.executable, "-c", probe, "adps", "predict", "--model", str(model), "--input", str(inputs),
+        adps = str(Path(sys.executable).with_name("adps"))
+        command = [sys.executable, "-c", probe, adps, "predict", "--model", str(model), "--input", str(inputs),
                    "--output", str(Path(tmp) / "out"), "--device", "cpu"]  # fmt: skip
         out = subprocess.run(command, capture_output=True, text=True, check=True,
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
