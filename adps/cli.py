@@ -94,13 +94,28 @@ def prepare(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     run_stage(stages.prepare, params)
 
 
-@app.command()
-def validate(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
-    """Check the dataset with Great Expectations; exit 1 and list every bad file on failure."""
-    run_stage(stages.validate, params)
-
-
 CategoryOption = Annotated[str, typer.Option("--category", "-c", help="Category to work on (one of data.categories).")]
+
+
+@app.command()
+def validate(
+    category: Annotated[
+        str | None, typer.Option("--category", "-c", help="Category to check (default: every one of data.categories).")
+    ] = None,
+    params: ParamsOption = DEFAULT_PARAMS_PATH,
+) -> None:
+    """Check a category's images with Great Expectations; exit 1 and list every bad file on failure."""
+    with reported_errors():
+        loaded = load_params(params)
+        configure_logging(loaded.runtime.log_level)
+        failed: list[ValidationFailed] = []
+        for name in [category] if category else loaded.data.categories:
+            try:
+                typer.echo(json.dumps(stages.validate(loaded, name), indent=2))
+            except ValidationFailed as err:
+                failed.append(err)
+        if failed:
+            raise ValidationFailed("\n".join(map(str, failed)), [f for err in failed for f in err.failures])
 
 
 @app.command()

@@ -58,7 +58,7 @@ class FolderImportParams(Section):
 class DataParams(Section):
     source: Literal["synthetic", "mvtec", "kolektor", "folder"] = "synthetic"
     categories: tuple[CategoryName, ...] = Field(SYNTHETIC_CATEGORIES, min_length=1)
-    import_path: Path | None = None
+    import_path: Path = Path("data/incoming")  # where new images arrive; a dependency of `prepare`
     folder: FolderImportParams = FolderImportParams()
     image_size: int = Field(128, ge=32, le=1024, multiple_of=32)
     normalize_mean: tuple[float, float, float] | None = None  # None: the backbone weights' own
@@ -71,8 +71,6 @@ class DataParams(Section):
             unknown = [c for c in self.categories if c not in SYNTHETIC_CATEGORIES]
             if unknown:
                 raise ValueError(f"unknown synthetic categories {unknown}; allowed: {list(SYNTHETIC_CATEGORIES)}")
-        elif self.import_path is None:
-            raise ValueError(f"data.source '{self.source}' needs data.import_path (the source root)")
         if self.source == "kolektor" and len(self.categories) != 1:
             raise ValueError("data.source 'kolektor' imports one product: give one name in data.categories")
         if len(set(self.categories)) != len(self.categories):

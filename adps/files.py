@@ -7,6 +7,7 @@ of the same target removes it (:func:`remove_stale_temps`). Results get the perm
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -102,6 +103,31 @@ def replace_dir_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     If ``build`` raises, ``target`` is left exactly as it was.
     """
     return swap_in_dir(build_dir(target, build), Path(target))
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Whether two folders hold the same relative file paths with the same bytes."""
+
+    def files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+    listing = files(a)
+    return listing == files(b) and all(filecmp.cmp(a / rel, b / rel, shallow=False) for rel in listing)
+
+
+def refresh_dir(target: Path, build: Callable[[Path], None]) -> bool:
+    """Rebuild a folder in a temp sibling; swap it in only when its contents differ from ``target``.
+
+    An unchanged folder is not touched at all (same files, same timestamps), so tools hashing it
+    (DVC) see nothing new. Returns whether ``target`` changed.
+    """
+    target = Path(target)
+    tmp = build_dir(target, build)
+    if target.is_dir() and same_tree(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    swap_in_dir(tmp, target)
+    return True
 
 
 def write_together(folders: dict[Path, Callable[[Path], None]], texts: dict[Path, str]) -> None:

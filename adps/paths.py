@@ -24,24 +24,25 @@ def category_dir(params: Params, category: str) -> Path:
     return dataset_dir(params) / category
 
 
-def validation_dir() -> Path:
-    return REPORTS_ROOT / "validation"
+def validation_dir(category: str) -> Path:
+    """``reports/validation/<category>``: the category's validation result (gates its training)."""
+    return REPORTS_ROOT / "validation" / category
 
 
-def validation_summary() -> Path:
-    return validation_dir() / "summary.json"
+def validation_summary(category: str) -> Path:
+    return validation_dir(category) / "summary.json"
 
 
-def validation_failures_csv() -> Path:
-    return validation_dir() / "failures.csv"
+def validation_failures_csv(category: str) -> Path:
+    return validation_dir(category) / "failures.csv"
 
 
-def validation_metadata_csv() -> Path:
-    return validation_dir() / "metadata.csv"
+def validation_metadata_csv(category: str) -> Path:
+    return validation_dir(category) / "metadata.csv"
 
 
-def data_docs_dir() -> Path:
-    return validation_dir() / "data_docs"
+def data_docs_dir(category: str) -> Path:
+    return validation_dir(category) / "data_docs"
 
 
 def model_dir(category: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from adps.evaluation.predictions import predict_dataset, validation_predictions
 from adps.files import (
     file_sha256,
     json_text,
+    refresh_dir,
     replace_dir_atomically,
     write_json_atomically,
     write_text_atomically,
@@ -51,95 +53,109 @@ from adps.training.phases import distill_step, psm_param_groups, psm_step
 logger = logging.getLogger(__name__)
 
 
-def build_dataset(params: Params, dest: Path) -> dict[str, int]:
-    """Generate or import every category of ``data.categories`` into ``dest`` (MVTec layout)."""
+def build_category(params: Params, category: str, dest: Path) -> None:
+    """Generate or import one category of ``data.categories`` into ``dest`` (MVTec layout)."""
     data = params.data
-    counts = {}
-    for category in data.categories:
-        target = dest / category
-        if data.source == "synthetic":
-            synthetic.generate_category(
-                category, params.synthetic, params.runtime.seed, target, progress=progress_enabled(params)
-            )
-        elif data.source == "mvtec":
-            layout.import_mvtec_category(Path(data.import_path), category, target)
-        elif data.source == "kolektor":
-            layout.import_kolektor(Path(data.import_path), target)
-        else:
-            root = Path(data.import_path) / category
-            layout.import_folder_category(
-                root / data.folder.normal,
-                root / data.folder.anomalous,
-                root / data.folder.masks,
-                target,
-                mask_suffix=data.folder.mask_suffix,
-                test_normal_fraction=data.folder.test_normal_fraction,
-                seed=params.runtime.seed,
-            )
-        counts[category] = len(layout.build_sample_index(target, category))
-        logger.info("prepared %s: %d images", category, counts[category])
-    return counts
+    source = Path(data.import_path)
+    if data.source == "synthetic":
+        synthetic.generate_category(
+            category, params.synthetic, params.runtime.seed, dest, progress=progress_enabled(params)
+        )
+    elif data.source == "mvtec":
+        layout.import_mvtec_category(source, category, dest)
+    elif data.source == "kolektor":
+        layout.import_kolektor(source, dest)
+    if data.source in ("synthetic", "folder"):  # synthetic: images in import_path are added to the generated ones
+        root = source / category
+        layout.import_folder_category(
+            root / data.folder.normal,
+            root / data.folder.anomalous,
+            root / data.folder.masks,
+            dest,
+            mask_suffix=data.folder.mask_suffix,
+            test_normal_fraction=data.folder.test_normal_fraction,
+            seed=params.runtime.seed,
+            require_normals=data.source == "folder",
+        )
 
 
 def prepare(params: Params) -> dict[str, Any]:
-    """Stage ``prepare``: build or import the dataset into ``data/<source>/``.
+    """Stage ``prepare``: build or import the dataset into ``data/<source>/``, one category at a time.
 
-    The new dataset is built in a temp folder and swapped in only when complete.
+    Each category is rebuilt in a temp folder and swapped in only when its files differ, so a
+    category whose source did not change keeps its exact files and DVC sees only the changed ones as
+    stale. Folders of categories no longer configured are removed.
     """
-    counts: dict[str, int] = {}
     target = paths.dataset_dir(params)
-    replace_dir_atomically(target, lambda tmp: counts.update(build_dataset(params, tmp)))
-    return {"dataset": str(target), "images": counts}
+    target.mkdir(parents=True, exist_ok=True)
+    changed, counts = [], {}
+    for category in params.data.categories:
+        folder = target / category
+        if refresh_dir(folder, lambda tmp, c=category: build_category(params, c, tmp)):
+            changed.append(category)
+        counts[category] = len(layout.build_sample_index(folder, category))
+        state = "changed" if category in changed else "unchanged"
+        logger.info("prepared %s: %d images (%s)", category, counts[category], state)
+    for stale in sorted(p for p in target.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if stale.name not in params.data.categories:
+            shutil.rmtree(stale)
+    return {"dataset": str(target), "images": counts, "changed": changed}
 
 
-def load_samples(params: Params) -> list[layout.Sample]:
-    """Index every image of every configured category."""
-    return [
-        sample
-        for category in params.data.categories
-        for sample in layout.build_sample_index(paths.category_dir(params, category), category)
-    ]
+def validate(params: Params, category: str) -> dict[str, Any]:
+    """Stage ``validate@C``: Great Expectations checks of one category's images.
 
-
-def validate(params: Params) -> dict[str, Any]:
-    """Stage ``validate``: Great Expectations checks of the dataset.
-
-    Writes ``reports/validation/`` (summary.json, metadata.csv, failures.csv, data_docs/) and
-    raises :class:`ValidationFailed` naming every bad file when a check fails.
+    Writes ``reports/validation/C/`` (summary.json, metadata.csv, failures.csv, data_docs/) and
+    raises :class:`ValidationFailed` naming every bad file when a check fails: that category is held
+    back, the others go on. The summary has no timestamps, so unchanged images give the same bytes
+    and the category's training stays up to date in DVC.
     """
+    check_category(params, category)
     holder: dict[str, Any] = {}
 
     def run(docs_tmp: Path) -> None:
+        samples = layout.build_sample_index(paths.category_dir(params, category), category)
         holder["report"] = validate_dataset(
-            load_samples(params),
-            params.data.categories,
-            params.validation,
-            docs_tmp,
-            progress=progress_enabled(params),
+            samples, [category], params.validation, docs_tmp, progress=progress_enabled(params)
         )
 
-    replace_dir_atomically(paths.data_docs_dir(), run)
+    replace_dir_atomically(paths.data_docs_dir(category), run)
     report = holder["report"]
     summary = {
+        "category": category,
         "success": report.success,
         "n_images": len(report.metadata),
         "n_failures": len(report.failures),
         "counts": report.counts.drop(columns="path").to_dict(orient="records"),
         "checks": report.checks,
         "failures": report.failures,
-        "data_docs": str(paths.data_docs_dir() / "index.html"),
+        "data_docs": str(paths.data_docs_dir(category) / "index.html"),
     }
-    write_text_atomically(paths.validation_metadata_csv(), report.metadata.to_csv(index=False))
-    write_text_atomically(paths.validation_failures_csv(), failures_csv(report.failures))
-    write_json_atomically(paths.validation_summary(), summary)
+    write_text_atomically(paths.validation_metadata_csv(category), report.metadata.to_csv(index=False))
+    write_text_atomically(paths.validation_failures_csv(category), failures_csv(report.failures))
+    write_json_atomically(paths.validation_summary(category), summary)
     if not report.success:
-        files = sorted({f["file"] for f in report.failures})
-        raise ValidationFailed(
-            f"dataset validation failed: {len(report.failures)} problem(s) in {len(files)} file(s); "
-            f"see {paths.validation_failures_csv()} and {summary['data_docs']}",
-            report.failures,
-        )
-    return {"success": True, "n_images": summary["n_images"], "summary": str(paths.validation_summary())}
+        message = validation_message(category, report.failures, summary["data_docs"], params.data.import_path)
+        raise ValidationFailed(message, report.failures)
+    return {"success": True, "n_images": summary["n_images"], "summary": str(paths.validation_summary(category))}
+
+
+def validation_message(
+    category: str, failures: list[dict[str, str]], data_docs: str, source: Path, shown: int = 5
+) -> str:
+    """What a held-back category's error says: the bad files with their reasons, and where the rest is."""
+    files = sorted({f["file"] for f in failures})
+    lines = [f"- {f['file']}: {f['reason']}" for f in failures[:shown]]
+    more = [f"- ... and {len(failures) - shown} more"] if len(failures) > shown else []
+    return "\n".join(
+        [
+            f"dataset validation failed for {category}: {len(failures)} problem(s) in {len(files)} file(s); "
+            f"fix or remove them where they came from (data.import_path: {source}) and rerun:",
+            *lines,
+            *more,
+            f"see {paths.validation_failures_csv(category)} and {data_docs}",
+        ]
+    )
 
 
 def failures_csv(failures: list[dict[str, str]]) -> str:

@@ -22,16 +22,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from adps import paths
 from adps.config import METRIC_NAMES, Params, flatten_params
 from adps.errors import AdpsError
-from adps.files import write_json_atomically
+from adps.files import file_sha256, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+MANIFEST_ARTIFACT = "data/manifest.json"  # sha256 of every file of the category's dataset
 SERVING_CODE = Path(__file__).with_name("serving.py")
 PIP_REQUIREMENTS = [
     "torch==2.14.1",
@@ -109,17 +108,60 @@ def git_tags() -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(changed)).lower() if commit else "unknown"}
 
 
-def dvc_out_hashes(params: Params, category: str) -> dict[str, str]:
-    """DVC hashes of the dataset and the model as recorded in dvc.lock (empty when not there yet)."""
-    lock = paths.dvc_lock()
-    wanted = {str(paths.dataset_dir(params)): "dvc_data_hash", str(paths.psm_checkpoint(category)): "dvc_model_hash"}
-    tags = {}
-    if lock.is_file():
-        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-            for out in stage.get("outs", []):
-                if out.get("path") in wanted:
-                    tags[wanted[out["path"]]] = out.get("md5", "")
-    return tags
+def data_manifest(params: Params, category: str) -> dict[str, str]:
+    """sha256 of every file of the category's dataset, by path relative to the category folder."""
+    folder = paths.category_dir(params, category)
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def manifest_digest(manifest: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def data_changes(old: dict[str, str], new: dict[str, str]) -> str:
+    """Files added, removed and changed per folder, e.g. ``+5 train/good, +2 test/anomalous``."""
+    counts: dict[str, dict[str, int]] = {}
+    for path in sorted(set(old) | set(new)):
+        kind = "+" if path not in old else "-" if path not in new else "changed " if old[path] != new[path] else None
+        if kind:
+            folder = str(Path(path).parent)
+            counts.setdefault(folder, {}).setdefault(kind, 0)
+            counts[folder][kind] += 1
+    return (
+        ", ".join(f"{kind}{n} {folder}" for folder, kinds in counts.items() for kind, n in kinds.items()) or "unchanged"
+    )
+
+
+def params_changes(old: dict[str, str], new: dict[str, str], shown: int = 8) -> str:
+    """Params that differ from the previous version's run: ``key old -> new``."""
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = [f"`{k}` {old.get(k, '-')} -> {new.get(k, '-')}" for k in changed[:shown]]
+    more = [f"{len(changed) - shown} more"] if len(changed) > shown else []
+    return "; ".join(parts + more) or "unchanged"
+
+
+def what_changed(client, name: str, manifest: dict[str, str], logged_params: dict[str, str], commit: str) -> list[str]:
+    """Markdown lines comparing a new version's data, params and code with the latest registered version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        previous = client.get_model_version(name, latest_version(client, name))
+    except (MlflowException, ValueError):  # no version yet
+        return ["**What changed**: first version of this model."]
+    try:
+        old_manifest = mlflow.artifacts.load_dict(f"runs:/{previous.run_id}/{MANIFEST_ARTIFACT}")
+        data = data_changes(old_manifest, manifest)
+    except (MlflowException, OSError):
+        data = f"version {previous.version} has no data manifest to compare with"
+    old_run = client.get_run(previous.run_id)
+    old_commit = old_run.data.tags.get("git_commit", "unknown")
+    return [
+        f"**What changed since version {previous.version}**",
+        f"- data: {data}",
+        f"- params: {params_changes(old_run.data.params, logged_params)}",
+        f"- code: {'unchanged' if old_commit == commit else f'git {old_commit} -> {commit}'}",
+    ]
 
 
 def history_metrics(category: str) -> list[tuple[str, float, int]]:
@@ -133,22 +175,25 @@ def history_metrics(category: str) -> list[tuple[str, float, int]]:
     return rows
 
 
+def logged_params(params: Params) -> dict[str, str]:
+    """Params as the MLflow run holds them (strings, cut at MLflow's length limit)."""
+    return {k: str(v)[:6000] for k, v in flatten_params(params).items()}
+
+
 def log_run_contents(run_id: str, params: Params, category: str, metrics: dict[str, Any]) -> None:
     """Params, final metrics, history with steps, artifacts and tags of one category's run."""
     import mlflow
     from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient()
-    flat = flatten_params(params)
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+    client.log_batch(run_id, params=[Param(k, v) for k, v in logged_params(params).items()])
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     history = [Metric(k, v, 0, step) for k, v, step in history_metrics(category)]
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()] + history)
     for path in (
         paths.metrics_file(category),
-        paths.validation_summary(),
+        paths.validation_summary(category),
         paths.params_file(),
-        paths.dvc_lock(),
         paths.train_history(category, "distill"),
         paths.train_history(category, "psm"),
         paths.onnx_file(category),
@@ -281,16 +326,20 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
             maybe_promote(client, params, name, str(existing.version))
         return record_registration(client, category, existing.version, existing.run_id, created=False)
     mlflow.set_experiment(params.tracking.experiment)
+    manifest = data_manifest(params, category)
     tags = {
         "category": category,
         "teacher_weights": str(metrics.get("teacher_weights")),
         "model_hash": digest,
+        "model_md5": file_md5(paths.psm_checkpoint(category)),  # = DVC's md5 of psm.pt
+        "data_sha256": manifest_digest(manifest),
         **git_tags(),
-        **dvc_out_hashes(params, category),
     }
-    description = version_description(client, params, category, metrics, tags)  # before any promotion
+    changes = what_changed(client, name, manifest, logged_params(params), tags["git_commit"])
+    description = version_description(client, params, category, metrics, tags, changes)  # before any promotion
     with mlflow.start_run(run_name=f"{category}", tags={**tags, "mlflow.note.content": description}) as run:
         log_run_contents(run.info.run_id, params, category, metrics)
+        mlflow.log_dict(manifest, MANIFEST_ARTIFACT)
         info = log_pyfunc(category)
     version_tags = {
         **tags,
@@ -326,8 +375,10 @@ Each version's description compares it with the champion of the time it was regi
 """
 
 
-def version_description(client, params: Params, category: str, metrics: dict[str, Any], tags: dict[str, str]) -> str:
-    """Markdown for a new version: its test metrics beside the current champion's, lineage, how to reproduce."""
+def version_description(
+    client, params: Params, category: str, metrics: dict[str, Any], tags: dict[str, str], changes: list[str]
+) -> str:
+    """Markdown for a new version: its test metrics beside the champion's, what changed, lineage, how to reproduce."""
     name = model_name(category)
     champion = current_champion(client, name)
     before = {k: version_metric(client, name, champion, k) for k in METRIC_NAMES} if champion else {}
@@ -345,10 +396,13 @@ def version_description(client, params: Params, category: str, metrics: dict[str
         f"Promotion metric `{registry.promote_metric}`; auto-promotion "
         f"{'on (min delta ' + str(registry.min_delta) + ')' if registry.auto_promote else 'off: promote by hand'}.",
         "",
+        *changes,
+        "",
         "**Lineage**",
         f"- teacher weights: {tags.get('teacher_weights')}",
         f"- code: git {commit}{dirty}",
-        f"- data (DVC md5): {tags.get('dvc_data_hash', 'n/a')}; model: {tags.get('dvc_model_hash', 'n/a')}",
+        f"- data: sha256 {tags['data_sha256']} (every file in the run's `{MANIFEST_ARTIFACT}`); "
+        f"model psm.pt md5 {tags['model_md5']} (as in dvc.lock)",
         f"- thresholds (validation split): image {number(metrics.get('image_threshold'))}, "
         f"pixel {number(metrics.get('pixel_threshold'))}",
         "",

@@ -1,39 +1,65 @@
 """Prefect flow ``adps-pipeline``: the same stages as dvc.yaml, observable, categories in parallel.
 
-prepare -> validate (a failure stops everything before training and lists the bad files in a
-markdown artifact) -> per category, in parallel: distill -> psm -> evaluate -> register -> a table
-artifact of every category's metrics -> ``dvc commit`` so DVC versions what this run produced.
+prepare -> per category, in parallel: validate -> distill -> psm -> evaluate -> export -> register
+-> a table artifact with one row per category (retrained / updated / unchanged / held back / failed)
+-> ``dvc commit`` of exactly the stages this run executed, so ``dvc status`` is clean.
+
+Every stage first asks DVC whether it is stale (:mod:`flows.versioning`); an up-to-date stage is
+skipped and shows as ``Unchanged`` (a completed state, with the reason) in the Prefect UI. A
+category whose images fail validation is held back (its files named in a markdown artifact) while
+the others go on. ``force=True`` runs every stage.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
+from prefect.runtime import task_run
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from adps import stages
+from adps import paths, stages
 from adps.config import DEFAULT_PARAMS_PATH, Params, load_params
 from adps.errors import AdpsError, ValidationFailed
+from flows import versioning
 
 TRANSIENT_RETRIES = 2  # for I/O with servers (MLflow, DVC remote); training never retries
+UNCHANGED = "Unchanged"  # state name of a stage DVC reports up to date
 
 
 def stage_task(stage: Callable[..., dict[str, Any]], retries: int = 0):
-    """A Prefect task running one ``adps.stages`` function with the params file at ``params_path``."""
+    """A Prefect task running one ``adps.stages`` function, unless DVC says the stage is up to date.
 
-    def run(params_path: str, *args: str) -> dict[str, Any]:
-        return stage(load_params(params_path), *args)
+    Its runs are named like the dvc.yaml stage (``prepare``, ``distill@fabric``).
+    """
+
+    def run(params_path: str, category: str | None = None, force: bool = False) -> Any:
+        target = versioning.stage_name(stage.__name__, category)
+        if not force:
+            reason = versioning.why_stale(target)
+            if reason is None:
+                return Completed(name=UNCHANGED, message=f"{target} is up to date (dvc status): skipped")
+            get_run_logger().info("%s is stale: %s", target, reason)
+        return stage(load_params(params_path), *([category] if category else []))
+
+    def run_name() -> str:
+        return versioning.stage_name(stage.__name__, task_run.parameters.get("category"))
 
     run.__name__ = run.__qualname__ = stage.__name__
-    return task(run, name=stage.__name__, cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=10)
+    return task(
+        run,
+        name=stage.__name__,
+        task_run_name=run_name,
+        cache_policy=NO_CACHE,
+        retries=retries,
+        retry_delay_seconds=10,
+    )
 
 
 prepare_task = stage_task(stages.prepare)
@@ -43,16 +69,20 @@ psm_task = stage_task(stages.psm)
 evaluate_task = stage_task(stages.evaluate)
 export_task = stage_task(stages.export)
 register_task = stage_task(stages.register, retries=TRANSIENT_RETRIES)
+CHAIN_TASKS = {  # one category's stages, in order
+    "validate": validate_task,
+    "distill": distill_task,
+    "psm": psm_task,
+    "evaluate": evaluate_task,
+    "export": export_task,
+    "register": register_task,
+}
 
 
 @task(name="dvc-commit", cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=5)
 def dvc_commit_task(targets: list[str]) -> str:
-    """Record the outputs of this run in dvc.lock, so ``dvc status`` is clean and DVC versions them."""
-    dvc = Path(sys.executable).with_name("dvc")
-    out = subprocess.run([str(dvc), "commit", "--force", *targets], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise AdpsError(f"dvc commit failed: {out.stderr.strip() or out.stdout.strip()}")
-    return out.stdout
+    """Record the outputs of the stages this run executed in dvc.lock (and nothing else)."""
+    return versioning.commit(targets)
 
 
 def task_runner(params: Params):
@@ -64,77 +94,112 @@ def task_runner(params: Params):
     return ThreadPoolTaskRunner(max_workers=params.runtime.max_workers)
 
 
-def failures_markdown(failures: list[dict[str, str]]) -> str:
+def failures_markdown(category: str, failures: list[dict[str, str]]) -> str:
     rows = "\n".join(f"| `{f['file']}` | {f['check']} | {f['reason']} |" for f in failures)
-    return f"# Dataset validation failed\n\nNo training ran.\n\n| file | check | reason |\n|---|---|---|\n{rows}\n"
+    return (
+        f"# {category}: held back, dataset validation failed\n\nThis category was not trained; the others went on.\n\n"
+        f"| file | check | reason |\n|---|---|---|\n{rows}\n"
+    )
 
 
-def run_validation(params_path: str) -> None:
-    try:
-        validate_task(params_path)
-    except ValidationFailed as err:
-        create_markdown_artifact(
-            key="validation-failures",
-            markdown=failures_markdown(err.failures),
-            description="Files that failed dataset validation",
-        )
-        raise
+def ran(future: Any) -> bool:
+    """Whether a stage task executed (completed, and not skipped as up to date)."""
+    return future.state.is_completed() and future.state.name != UNCHANGED
 
 
-def category_row(category: str, futures: dict[str, Any]) -> dict[str, Any]:
-    """One row of the metrics table: the category's headline metrics and registry version, or its failure."""
-    failed = next((name for name, f in futures.items() if not f.state.is_completed()), None)
+def chain_status(chain: dict[str, Any]) -> str:
+    """retrained (a training phase ran), updated (only later stages), unchanged, held back or failed."""
+    failed = next((name for name, f in chain.items() if not f.state.is_completed()), None)
+    if failed == "validate":
+        return "held back"
     if failed:
-        return {"category": category, "status": f"failed at {failed}"}
-    metrics, registry = futures["evaluate"].result(), futures["register"].result()
-    headline = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "metrics"}
-    return {
+        return f"failed at {failed}"
+    executed = {name for name, f in chain.items() if ran(f)}
+    return "retrained" if executed & {"distill", "psm"} else "updated" if executed else "unchanged"
+
+
+def category_row(category: str, chain: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """One row of the run's table: what happened to the category, its test metrics and registry version."""
+    status = chain_status(chain)
+    row: dict[str, Any] = {
         "category": category,
-        "status": "ok",
-        **headline,
-        "version": registry["version"],
-        "aliases": ",".join(registry["aliases"]),
+        "status": status,
+        "ran": ", ".join(name for name, f in chain.items() if ran(f)) or "-",
     }
+    if status == "held back":
+        error = chain["validate"].state.result(raise_on_failure=False)
+        if isinstance(error, ValidationFailed):
+            files = sorted({f["file"] for f in error.failures})
+            row["held back by"] = ", ".join(files)
+            create_markdown_artifact(
+                key=f"validation-failures-{category}".lower(),
+                markdown=failures_markdown(category, error.failures),
+                description=f"Files that held back {category}",
+            )
+    row.update({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    record = paths.registry_record(category)
+    if record.is_file():
+        registered = json.loads(record.read_text())
+        row.update(version=registered["version"], aliases=",".join(registered["aliases"]))
+    return row
 
 
-def dvc_targets(categories: list[str]) -> list[str]:
-    """Stages whose outputs this run produced (the failed categories' stages are left alone)."""
-    return [
-        "prepare",
-        "validate",
-        *[f"{stage}@{c}" for c in categories for stage in ("distill", "psm", "evaluate", "export", "register")],
-    ]
+def executed_targets(category: str, chain: dict[str, Any]) -> list[str]:
+    return [versioning.stage_name(name, category) for name, f in chain.items() if ran(f)]
 
 
 @flow(name="adps-categories")
-def train_categories(params_path: str, categories: list[str]) -> list[dict[str, Any]]:
-    """Every category's chain, in parallel on this flow's task runner; one metrics row per category."""
-    chains = {}
+def train_categories(params_path: str, categories: list[str], force: bool = False) -> dict[str, dict[str, Any]]:
+    """Every category's chain, in parallel on this flow's task runner.
+
+    Returns, per category, its table row and the dvc.yaml stages it executed.
+    """
+    chains: dict[str, dict[str, Any]] = {}
     for category in categories:
-        d = distill_task.submit(params_path, category)
-        p = psm_task.submit(params_path, category, wait_for=[d])
-        e = evaluate_task.submit(params_path, category, wait_for=[p])
-        x = export_task.submit(params_path, category, wait_for=[e])
-        r = register_task.submit(params_path, category, wait_for=[x])
-        chains[category] = {"distill": d, "psm": p, "evaluate": e, "export": x, "register": r}
+        previous: list[Any] = []
+        chains[category] = {}
+        for name, stage in CHAIN_TASKS.items():
+            future = stage.submit(params_path, category, force=force, wait_for=previous)
+            chains[category][name], previous = future, [future]
     wait([f for chain in chains.values() for f in chain.values()])
-    return [category_row(category, chain) for category, chain in chains.items()]
+    metrics = stages.summarize(load_params(params_path))
+    return {
+        category: {
+            "row": category_row(category, chain, metrics.get(category, {})),
+            "ran": executed_targets(category, chain),
+        }
+        for category, chain in chains.items()
+    }
 
 
 @flow(name="adps-pipeline", log_prints=True)
-def adps_pipeline(params_path: str = str(DEFAULT_PARAMS_PATH)) -> list[dict[str, Any]]:
-    """Prepare, validate, then train, evaluate and register every category; commit outputs to DVC."""
+def adps_pipeline(params_path: str = str(DEFAULT_PARAMS_PATH), force: bool = False) -> list[dict[str, Any]]:
+    """Import new data, then validate, train, evaluate and register what changed; commit it to DVC.
+
+    Args:
+        params_path: the params file (the project root is the working directory).
+        force: run every stage, even those DVC reports up to date.
+    """
     params = load_params(params_path)
     logger = get_run_logger()
-    prepare_task(params_path)
-    run_validation(params_path)
-    categories = list(params.data.categories)
-    rows = train_categories.with_options(task_runner=task_runner(params))(params_path, categories)
-    create_table_artifact(key="adps-metrics", table=rows, description="Test metrics and registry version per category")
-    succeeded = [r["category"] for r in rows if r["status"] == "ok"]
-    dvc_commit_task(dvc_targets(succeeded))
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        raise AdpsError("categories failed: " + ", ".join(f"{r['category']} ({r['status']})" for r in failed))
-    logger.info("pipeline done: %s", ", ".join(succeeded))
+    prepared = prepare_task(params_path, force=force, return_state=True)
+    prepared.result()  # a failed import stops the run before any category
+    results = train_categories.with_options(task_runner=task_runner(params))(
+        params_path, list(params.data.categories), force
+    )
+    rows = [result["row"] for result in results.values()]
+    create_table_artifact(
+        key="adps-metrics", table=rows, description="What happened to each category, its test metrics and model version"
+    )
+    executed = ["prepare"] * (prepared.name != UNCHANGED) + [t for result in results.values() for t in result["ran"]]
+    dvc_commit_task(executed)
+    problems = [r for r in rows if r["status"] in ("held back",) or r["status"].startswith("failed")]
+    if problems:
+        raise AdpsError("; ".join(problem_text(r) for r in problems))
+    logger.info("pipeline done: %s", ", ".join(f"{r['category']} {r['status']}" for r in rows))
     return rows
+
+
+def problem_text(row: dict[str, Any]) -> str:
+    held = f" by {row['held back by']}" if row.get("held back by") else ""
+    return f"{row['category']} {row['status']}{held}"

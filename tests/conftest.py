@@ -111,7 +111,17 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
-PROJECT_FILES = ("adps", "flows", "scripts", "dvc.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
+PROJECT_FILES = (
+    "adps",
+    "flows",
+    "scripts",
+    "dvc.yaml",
+    "data/incoming",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+)
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -130,7 +140,7 @@ def make_dvc_project(root: Path, env: dict[str, str], **params: dict[str, Any]) 
         elif src.exists():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, root / name)
-    write_params(root, data={"categories": ["washer"], "image_size": 64}, **params)
+    write_params(root, **merge({"data": {"categories": ["washer"], "image_size": 64}}, params))
     run(["git", "init", "-q"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny project"], root, env)

@@ -10,6 +10,7 @@ Layout of one category::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -137,6 +138,34 @@ def import_kolektor(source_root: Path, dest: Path, defect_type: str = "defect") 
                 save_binary_mask(mask, mask_path_for(dest, defect_type, image_path))
 
 
+def import_mask(src: Path, dst: Path) -> None:
+    """Write a mask as a 0/255 PNG; one that does not decode is copied as is for validation to name."""
+    try:
+        mask = read_binary_mask(src)
+    except (OSError, ValueError) as err:
+        logger.warning("mask %s does not decode (%s): left for validation to report", src, err)
+        link_new(src, dst)
+        return
+    save_binary_mask(mask, dst)
+
+
+def normal_split(name: str, seed: int, test_fraction: float) -> str:
+    """``test`` or ``train`` for a normal image, decided by its name alone (seeded hash).
+
+    An image keeps its split when others are added or removed, so new images arriving in a source
+    folder change only what they add, never where the existing ones sit.
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def link_new(src: Path, dst: Path) -> None:
+    """:func:`link_or_copy` that refuses to replace a file already imported under the same name."""
+    if dst.exists():
+        raise DatasetError(f"{src} would replace {dst}, imported from elsewhere: rename one of them.")
+    link_or_copy(src, dst)
+
+
 def import_folder_category(
     normal_dir: Path,
     anomalous_dir: Path,
@@ -146,26 +175,26 @@ def import_folder_category(
     mask_suffix: str,
     test_normal_fraction: float,
     seed: int,
+    require_normals: bool = True,
 ) -> None:
     """Import a generic (normal, anomalous, masks) folder set into the MVTec layout.
 
-    A seeded share of the normal images goes to ``test/good``; anomalous images go to
-    ``test/anomalous`` with their mask (``masks/<stem><mask_suffix>.<ext>``) when it exists. A
-    missing mask is left for validation to report by name.
+    A seeded, per-name share of the normal images goes to ``test/good`` (:func:`normal_split`);
+    anomalous images go to ``test/anomalous`` with their mask (``masks/<stem><mask_suffix>.<ext>``)
+    when it exists. A missing mask is left for validation to report by name. With
+    ``require_normals=False`` (images added on top of another source) the folders may be empty or absent.
     """
     normals = list_images(normal_dir)
-    if not normals:
+    if not normals and require_normals:
         raise DatasetError(f"no normal images in {normal_dir}. Check data.import_path and data.folder.normal.")
-    order = np.random.default_rng(seed).permutation(len(normals))
-    n_test = round(len(normals) * test_normal_fraction)
-    for rank, index in enumerate(order):
-        split = "test" if rank < n_test else "train"
-        link_or_copy(normals[index], dest / split / GOOD / normals[index].name)
+    for image_path in normals:
+        split = normal_split(image_path.name, seed, test_normal_fraction)
+        link_new(image_path, dest / split / GOOD / image_path.name)
     masks_by_stem = {m.stem: m for m in list_images(mask_dir)}
     for image_path in list_images(anomalous_dir):
-        link_or_copy(image_path, dest / "test" / "anomalous" / image_path.name)
+        link_new(image_path, dest / "test" / "anomalous" / image_path.name)
         mask = masks_by_stem.get(f"{image_path.stem}{mask_suffix}")
         if mask is not None:
-            save_binary_mask(read_binary_mask(mask), mask_path_for(dest, "anomalous", image_path))
+            import_mask(mask, mask_path_for(dest, "anomalous", image_path))
         else:
             logger.warning("no mask for %s in %s", image_path, mask_dir)

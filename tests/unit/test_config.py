@@ -52,7 +52,7 @@ def test_unknown_section_lists_allowed_sections():
         ({"data": {"source": "imagenet"}}, "data.source: Input should be 'synthetic', 'mvtec', 'kolektor' or 'folder'"),
         ({"synthesis": {"normal_prob": 1.5}}, "synthesis.normal_prob: Input should be less than or equal to 1"),
         ({"data": {"categories": ["fabric", "marble"]}}, "unknown synthetic categories ['marble']"),
-        ({"data": {"source": "mvtec"}}, "needs data.import_path"),
+        ({"data": {"import_path": None}}, "data.import_path: "),
         ({"runtime": {"seed": "abc"}}, "runtime.seed: Input should be a valid integer"),
     ],
 )
