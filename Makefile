@@ -40,5 +40,5 @@ lint: setup  ## ruff check + format check
 	$(BIN)/ruff check adps flows tests benchmarks scripts
 	$(BIN)/ruff format --check adps flows tests benchmarks scripts
 
-clean:  ## remove generated data, models and reports (not the venv)
-	rm -rf data models reports mlflow.db mlartifacts optuna.db
+clean:  ## remove generated data, models and reports (not the venv, not data/incoming)
+	rm -rf $(filter-out data/incoming,$(wildcard data/*)) models reports mlflow.db mlartifacts optuna.db

@@ -87,12 +87,17 @@ def prepare(params: Params) -> dict[str, Any]:
     stale. Folders of categories no longer configured are removed.
     """
     target = paths.dataset_dir(params)
-    target.mkdir(parents=True, exist_ok=True)
+    existed = target.exists()
     changed, counts = [], {}
     for category in params.data.categories:
         folder = target / category
-        if refresh_dir(folder, lambda tmp, c=category: build_category(params, c, tmp)):
-            changed.append(category)
+        try:
+            if refresh_dir(folder, lambda tmp, c=category: build_category(params, c, tmp)):
+                changed.append(category)
+        except BaseException:
+            if not existed:  # leave no half-made dataset folder behind a failed first import
+                shutil.rmtree(target, ignore_errors=True)
+            raise
         counts[category] = len(layout.build_sample_index(folder, category))
         state = "changed" if category in changed else "unchanged"
         logger.info("prepared %s: %d images (%s)", category, counts[category], state)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from adps import tuning
-from adps.config import DEFAULT_PARAMS_PATH
-from flows.pipeline import stage_task
+from adps.config import DEFAULT_PARAMS_PATH, load_params
 
-tune_task = stage_task(tuning.tune)
+
+@task(name="tune", cache_policy=NO_CACHE)
+def tune_task(params_path: str, category: str, trials: int | None, workers: int) -> dict[str, Any]:
+    """The study (not a DVC stage: it runs whenever asked)."""
+    return tuning.tune(load_params(params_path), category, trials, workers)
 
 
 @flow(name="adps-tune", log_prints=True)

@@ -283,3 +283,27 @@ def generate_category(category: str, cfg: SyntheticParams, seed: int, dest: Path
         if kind != GOOD:
             save_binary_mask(mask, dest / "ground_truth" / kind / f"{index:03d}_mask.png")
     return len(jobs)
+
+
+def write_new_images(
+    category: str, cfg: SyntheticParams, dest: Path, good: int, defects: int, seed: int, prefix: str
+) -> list[Path]:
+    """New images of a category in the folder layout a source delivers (``normal/``, ``anomalous/``, ``masks/``).
+
+    What a production line adds overnight, for demos and tests of the nightly run: ``good`` normal
+    images and ``defects`` labelled defects (kinds in turn) with masks, drawn from their own seed.
+    """
+    written = []
+    for index in range(good + defects):
+        kind = GOOD if index < good else cfg.defect_kinds[(index - good) % len(cfg.defect_kinds)]
+        image, mask = generate_image(
+            category, cfg, image_rng(seed, category, "new", kind, index), None if kind == GOOD else kind
+        )
+        folder, name = ("normal" if kind == GOOD else "anomalous"), f"{prefix}{index:03d}.png"
+        path = dest / folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="RGB").save(path)
+        if kind != GOOD:
+            save_binary_mask(mask, dest / "masks" / f"{prefix}{index:03d}_mask.png")
+        written.append(path)
+    return written

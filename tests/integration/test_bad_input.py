@@ -314,7 +314,7 @@ def test_validate_leaves_nothing_in_the_system_temp_dir(project, tmp_path, monke
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    stages.validate(tiny_params())
+    stages.validate(tiny_params(), "fabric")
     assert list(scratch.iterdir()) == []
 
 

@@ -44,7 +44,9 @@ def test_prepare_then_validate_on_a_fresh_folder(tmp_path):
     assert len(list((tmp_path / "data/synthetic/fabric/train/good").glob("*.png"))) == 10
     validated = adps("validate", cwd=tmp_path)
     assert validated.returncode == 0, validated.stderr
-    assert (tmp_path / "reports/validation/summary.json").is_file()
+    assert {p.parent.name for p in tmp_path.glob("reports/validation/*/summary.json")} == {"fabric", "washer"}
+    one = adps("validate", "--category", "washer", cwd=tmp_path)
+    assert one.returncode == 0 and '"n_images": 17' in one.stdout
 
 
 def test_prepare_is_deterministic(tmp_path):

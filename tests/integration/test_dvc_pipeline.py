@@ -22,7 +22,7 @@ def test_repro_runs_every_stage_and_writes_metrics(dvc_project):
     root, env, first = dvc_project
     for stage in (
         "prepare",
-        "validate",
+        "validate@washer",
         "distill@washer",
         "psm@washer",
         "evaluate@washer",

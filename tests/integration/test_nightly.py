@@ -12,17 +12,14 @@ import os
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from mlflow import MlflowClient
-from PIL import Image
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
-from adps.data.layout import save_binary_mask
-from adps.data.synthetic import generate_image
+from adps.data.synthetic import write_new_images
 from flows.pipeline import adps_pipeline
 from tests.conftest import make_dvc_project, project_env, run, tiny_params
 
@@ -76,17 +73,7 @@ def versions(client: MlflowClient, category: str) -> list[str]:
 def add_images(root: Path, category: str, good: int, defects: int, tag: str) -> None:
     """New images for ``category`` in the source folder (data/incoming, the folder layout)."""
     incoming = root / "data" / "incoming" / category
-    cfg = tiny_params().synthetic
-    rng = np.random.default_rng(zlib.crc32(tag.encode()))
-    for i in range(good):
-        image, _ = generate_image(category, cfg, rng, None)
-        (incoming / "normal").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(incoming / "normal" / f"{tag}_good_{i}.png")
-    for i in range(defects):
-        image, mask = generate_image(category, cfg, rng, "scratch")
-        (incoming / "anomalous").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(incoming / "anomalous" / f"{tag}_defect_{i}.png")
-        save_binary_mask(mask, incoming / "masks" / f"{tag}_defect_{i}_mask.png")
+    write_new_images(category, tiny_params().synthetic, incoming, good, defects, zlib.crc32(tag.encode()), f"{tag}_")
 
 
 def model_mtimes(root: Path, category: str) -> dict[str, int]:
@@ -143,7 +130,7 @@ def test_corrupt_new_image_holds_back_its_category_only(nightly, monkeypatch):
     add_images(root, "fabric", good=3, defects=0, tag="day3")
     bad = root / "data" / "incoming" / "washer" / "normal" / "day3_truncated.png"
     add_images(root, "washer", good=1, defects=0, tag="day3")
-    bad.write_bytes((bad.parent / "day3_good_0.png").read_bytes()[:200])  # a truncated upload
+    bad.write_bytes((bad.parent / "day3_000.png").read_bytes()[:200])  # a truncated upload
     state = run_flow()
     assert state.is_failed() and "washer held back" in state.message and "day3_truncated.png" in state.message
     rows = table_rows()

@@ -100,22 +100,24 @@ def test_each_failure_kind_names_the_file_and_reason_and_touches_no_data(project
     corrupt, bad_file, reason = CASES[case]
     corrupt()
     before = tree_digest(DATA)
+    category = bad_file.split("/")[0]
     with pytest.raises(ValidationFailed) as err:
-        stages.validate(tiny_params())
+        stages.validate(tiny_params(), category)
     matches = [f for f in err.value.failures if f["file"].endswith(bad_file)]
     assert matches, err.value.failures
     assert any(reason in f["reason"] for f in matches), matches
     assert tree_digest(DATA) == before
-    summary = json.loads(paths.validation_summary().read_text())
+    assert bad_file in str(err.value)  # the message names the file, not only the report
+    summary = json.loads(paths.validation_summary(category).read_text())
     assert summary["success"] is False and any(f["file"].endswith(bad_file) for f in summary["failures"])
-    assert bad_file in paths.validation_failures_csv().read_text()
+    assert bad_file in paths.validation_failures_csv(category).read_text()
 
 
 def test_bit_depth_outside_allowed(project):
     save(DATA / "fabric/train/good/004.png", np.zeros((64, 64), bool), "1")
     params = tiny_params(validation={"allowed_modes": ["1", "RGB"]})
     with pytest.raises(ValidationFailed) as err:
-        stages.validate(params)
+        stages.validate(params, "fabric")
     assert [f["reason"] for f in err.value.failures if f["file"].endswith("004.png")] == [
         "bit depth not allowed (allowed: [8, 16])"
     ]
@@ -125,25 +127,34 @@ def test_too_few_images_and_empty_folder_name_the_category(project):
     shutil.rmtree(DATA / "washer/train/good")
     (DATA / "washer/train/good").mkdir()
     with pytest.raises(ValidationFailed) as err:
-        stages.validate(tiny_params())
+        stages.validate(tiny_params(), "washer")
     assert {"file": "<category washer>", "check": "n_train", "reason": "fewer than 5 training images"} in (
         err.value.failures
     )
 
 
 def test_missing_category_folder_is_a_clear_error_and_keeps_old_reports(project):
-    stages.validate(tiny_params())
-    docs = paths.data_docs_dir() / "index.html"
+    stages.validate(tiny_params(), "washer")
+    docs = paths.data_docs_dir("washer") / "index.html"
     assert docs.is_file()
     shutil.rmtree(DATA / "washer")
     with pytest.raises(DatasetError, match=r"category folder not found: data/synthetic/washer"):
-        stages.validate(tiny_params())
+        stages.validate(tiny_params(), "washer")
     assert docs.is_file()
 
 
 def test_clean_dataset_passes_and_writes_reports(project):
-    result = stages.validate(tiny_params())
-    assert result["success"] and result["n_images"] == 2 * (10 + 2 + 5)
-    summary = json.loads(paths.validation_summary().read_text())
-    assert summary["success"] and all(c["success"] for c in summary["checks"])
-    assert (paths.data_docs_dir() / "index.html").is_file()
+    for category in ("fabric", "washer"):
+        result = stages.validate(tiny_params(), category)
+        assert result["success"] and result["n_images"] == 10 + 2 + 5
+        summary = json.loads(paths.validation_summary(category).read_text())
+        assert summary["success"] and all(c["success"] for c in summary["checks"])
+        assert (paths.data_docs_dir(category) / "index.html").is_file()
+
+
+def test_unchanged_images_give_a_byte_identical_summary(project):
+    """distill@C depends on the summary: revalidating the same images must not make training stale."""
+    stages.validate(tiny_params(), "fabric")
+    first = paths.validation_summary("fabric").read_bytes()
+    stages.validate(tiny_params(), "fabric")
+    assert paths.validation_summary("fabric").read_bytes() == first

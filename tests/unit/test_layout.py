@@ -9,6 +9,7 @@ from adps.data.layout import (
     import_folder_category,
     import_kolektor,
     import_mvtec_category,
+    normal_split,
     read_binary_mask,
 )
 from adps.errors import DatasetError
@@ -103,10 +104,52 @@ def test_folder_import(tmp_path):
         seed=0,
     )
     samples = build_sample_index(tmp_path / "out", "c")
-    assert sum(s.split == "train" for s in samples) == 8
-    assert sum(s.split == "test" and s.label == 0 for s in samples) == 2
+    expected = {f"n{i}.png": normal_split(f"n{i}.png", 0, 0.2) for i in range(10)}
+    assert {s.image_path.name: s.split for s in samples if s.label == 0} == expected
+    assert set(expected.values()) == {"train", "test"}
     anomalous = {s.image_path.name: s for s in samples if s.label == 1}
     assert anomalous["a0.png"].mask_path is not None and anomalous["a1.png"].mask_path is None
+
+
+def test_normal_split_is_per_name_so_new_images_move_no_old_one():
+    names = [f"img_{i}.png" for i in range(2000)]
+    splits = {name: normal_split(name, 3, 0.2) for name in names}
+    assert 0.17 < sum(s == "test" for s in splits.values()) / len(names) < 0.23
+    assert {name: normal_split(name, 3, 0.2) for name in names[:100]} == {n: splits[n] for n in names[:100]}
+    assert normal_split("a.png", 3, 0.0) == "train"
+
+
+def test_folder_import_refuses_to_overwrite_an_imported_file(tmp_path):
+    png(tmp_path / "normal" / "x.png")
+    png(tmp_path / "out" / "train" / "good" / "x.png", 5)
+    png(tmp_path / "out" / "test" / "good" / "x.png", 5)
+    with pytest.raises(DatasetError, match=r"x.png would replace .*rename one"):
+        import_folder_category(
+            tmp_path / "normal",
+            tmp_path / "a",
+            tmp_path / "m",
+            tmp_path / "out",
+            mask_suffix="_mask",
+            test_normal_fraction=0.2,
+            seed=0,
+        )
+
+
+def test_folder_import_copies_an_undecodable_mask_for_validation_to_name(tmp_path):
+    png(tmp_path / "normal" / "n.png")
+    png(tmp_path / "anomalous" / "a.png")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a_mask.png").write_bytes(b"not a png")
+    import_folder_category(
+        tmp_path / "normal",
+        tmp_path / "anomalous",
+        tmp_path / "masks",
+        tmp_path / "out",
+        mask_suffix="_mask",
+        test_normal_fraction=0.0,
+        seed=0,
+    )
+    assert (tmp_path / "out" / "ground_truth" / "anomalous" / "a_mask.png").read_bytes() == b"not a png"
 
 
 def test_folder_import_without_normals_is_a_clear_error(tmp_path):
