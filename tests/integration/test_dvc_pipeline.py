@@ -5,11 +5,12 @@ from __future__ import annotations
 import filecmp
 import json
 import shutil
+import subprocess
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run, write_params
+from tests.conftest import make_dvc_project, project_env, run, write_params
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,25 @@ def test_psm_param_change_reruns_only_psm_evaluate_register(dvc_project):
     assert ran == {"psm@washer", "evaluate@washer", "export@washer", "register@washer"}
     registry = json.loads((root / "reports/registry/washer.json").read_text())
     assert registry["version"] == "2" and registry["created"]
+
+
+def test_keep_going_holds_back_only_the_category_with_a_bad_new_image(tmp_path):
+    """The DVC front-end of the flow's hold-back: validate@washer fails, fabric is trained and registered."""
+    root = tmp_path / "project"
+    root.mkdir()
+    env = project_env(root)
+    make_dvc_project(root, env, data={"categories": ["fabric", "washer"]})
+    bad = root / "data/incoming/washer/normal/upload.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a truncated upload
+    out = subprocess.run(["dvc", "repro", "--keep-going"], cwd=root, env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "dataset validation failed for washer" in out.stderr + out.stdout
+    assert (
+        "washer/train/good/upload.png" in out.stderr + out.stdout
+        or "washer/test/good/upload.png" in out.stderr + out.stdout
+    )
+    assert json.loads((root / "reports/registry/fabric.json").read_text())["model"] == "adps-fabric"
+    assert not (root / "models/washer").exists()
+    status = run(["dvc", "status"], root, env)
+    assert "validate@washer" in status and "fabric" not in status
