@@ -7,15 +7,19 @@ of the same target removes it (:func:`remove_stale_temps`). Results get the perm
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import filecmp
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from adps.errors import AdpsError
 
 
 def file_sha256(path: Path) -> str:
@@ -169,3 +173,28 @@ def stage_text(path: Path, text: str) -> Path:
 
 def json_text(payload: Any) -> str:
     return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` for the block, or fail at once if another process holds it.
+
+    The holder writes its pid into the file, so the error can say who holds it: ``busy`` followed by
+    that pid. The lock goes with the process (a killed holder releases it).
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise AdpsError(f"{busy} (held by {holder}, lock {lock_file}).") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

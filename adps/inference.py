@@ -7,16 +7,13 @@ params.yaml.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
 import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,14 @@ from tqdm import tqdm
 from adps.data.datasets import Normalizer, read_rgb
 from adps.errors import AdpsError, ImageReadError
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
-from adps.files import build_dir, file_sha256, replace_dir_atomically, swap_in_dir, write_text_atomically
+from adps.files import (
+    build_dir,
+    exclusive_lock,
+    file_sha256,
+    replace_dir_atomically,
+    swap_in_dir,
+    write_text_atomically,
+)
 from adps.training.checkpoints import load_model
 
 logger = logging.getLogger(__name__)
@@ -277,21 +281,12 @@ def check_output(output: Path, marker: str = "predictions.csv") -> None:
         raise AdpsError(f"cannot write in {parent}: choose an --output folder you can write to.")
 
 
-@contextlib.contextmanager
-def output_lock(output: Path) -> Iterator[None]:
+def output_lock(output: Path):
     """One ``adps predict`` per output folder at a time (a lock file beside it)."""
     lock_path = output.absolute().parent / f".{output.name}.lock"
-    with open(lock_path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AdpsError(
-                f"another `adps predict` is writing to {output}; wait for it or choose another --output."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(
+        lock_path, f"another `adps predict` is writing to {output}; wait for it or choose another --output"
+    )
 
 
 def predict_to_folder(

@@ -13,6 +13,7 @@ from adps.config import Params
 DATA_ROOT = Path("data")
 MODELS_ROOT = Path("models")
 REPORTS_ROOT = Path("reports")
+LOCKS_ROOT = Path(".adps") / "locks"  # git-ignored
 
 
 def dataset_dir(params: Params) -> Path:
@@ -92,6 +93,21 @@ def heatmaps_dir(category: str) -> Path:
 def registry_record(category: str) -> Path:
     """``reports/registry/<category>.json``: registered model name, version, run and aliases."""
     return REPORTS_ROOT / "registry" / f"{category}.json"
+
+
+def category_lock(category: str) -> Path:
+    """Held while a stage writes one category's files (any front-end, any process)."""
+    return LOCKS_ROOT / f"{category}.lock"
+
+
+def pipeline_lock() -> Path:
+    """Held for a whole run of the Prefect flow ``adps-pipeline`` (one at a time per project)."""
+    return LOCKS_ROOT / "pipeline.lock"
+
+
+def dataset_lock() -> Path:
+    """Held while ``prepare`` writes the dataset."""
+    return LOCKS_ROOT / "prepare.lock"
 
 
 def dvc_lock() -> Path:

@@ -7,9 +7,11 @@ written atomically, so a failing stage leaves earlier outputs intact.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from adps.errors import AdpsError, ValidationFailed
 from adps.evaluation import reports
 from adps.evaluation.predictions import predict_dataset, validation_predictions
 from adps.files import (
+    exclusive_lock,
     file_sha256,
     json_text,
     refresh_dir,
@@ -51,6 +54,23 @@ from adps.training.loop import EpochHook, Phase, fit
 from adps.training.phases import distill_step, psm_param_groups, psm_step
 
 logger = logging.getLogger(__name__)
+
+
+def writes_category(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run a per-category stage under the category's lock.
+
+    Two pipeline runs at once (DVC or Prefect, in any mix, e.g. a slow nightly run and a manual
+    one) never write one category's files together: the second fails at once, naming the holder,
+    and the first run's outputs stay consistent.
+    """
+
+    @functools.wraps(stage)
+    def locked(params: Params, category: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        busy = f"category {category} is being written by another pipeline run; rerun when it has finished"
+        with exclusive_lock(paths.category_lock(category), busy):
+            return stage(params, category, *args, **kwargs)
+
+    return locked
 
 
 def build_category(params: Params, category: str, dest: Path) -> None:
@@ -86,14 +106,22 @@ def prepare(params: Params) -> dict[str, Any]:
     category whose source did not change keeps its exact files and DVC sees only the changed ones as
     stale. Folders of categories no longer configured are removed.
     """
+    with exclusive_lock(paths.dataset_lock(), "the dataset is being prepared by another pipeline run"):
+        return refresh_dataset(params)
+
+
+def refresh_dataset(params: Params) -> dict[str, Any]:
+    """Rebuild every category's folder, swapping in the changed ones (under each category's lock)."""
     target = paths.dataset_dir(params)
     existed = target.exists()
     changed, counts = [], {}
     for category in params.data.categories:
         folder = target / category
+        busy = f"category {category} is being trained or evaluated by another pipeline run; rerun when it has finished"
         try:
-            if refresh_dir(folder, lambda tmp, c=category: build_category(params, c, tmp)):
-                changed.append(category)
+            with exclusive_lock(paths.category_lock(category), busy):
+                if refresh_dir(folder, lambda tmp, c=category: build_category(params, c, tmp)):
+                    changed.append(category)
         except BaseException:
             if not existed:  # leave no half-made dataset folder behind a failed first import
                 shutil.rmtree(target, ignore_errors=True)
@@ -107,6 +135,7 @@ def prepare(params: Params) -> dict[str, Any]:
     return {"dataset": str(target), "images": counts, "changed": changed}
 
 
+@writes_category
 def validate(params: Params, category: str) -> dict[str, Any]:
     """Stage ``validate@C``: Great Expectations checks of one category's images.
 
@@ -196,6 +225,7 @@ def finish_phase(final: Path, model, spec: dict, history: list, category: str, p
     paths.resume_checkpoint(final).unlink(missing_ok=True)
 
 
+@writes_category
 def distill(params: Params, category: str) -> dict[str, Any]:
     """Stage ``distill@C``: asymmetric distillation of the student; writes models/C/student.pt."""
     device = setup_torch(params)
@@ -261,6 +291,7 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
     return model, student
 
 
+@writes_category
 def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     """Stage ``psm@C``: train the Post-Segmentation Module through the WMB; writes models/C/psm.pt.
 
@@ -308,6 +339,7 @@ def check_trained_with(params: Params, checkpoint: dict[str, Any], path: Path, c
         )
 
 
+@writes_category
 def evaluate(params: Params, category: str) -> dict[str, Any]:
     """Stage ``evaluate@C``: thresholds on the validation split, metrics, curves and heatmaps on test.
 
@@ -343,6 +375,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in METRIC_NAMES}}
 
 
+@writes_category
 def export(params: Params, category: str) -> dict[str, Any]:
     """Stage ``export@C``: the deployable model as ONNX (models/C/model.onnx), metadata inside."""
     from adps.export import export_onnx
@@ -351,6 +384,7 @@ def export(params: Params, category: str) -> dict[str, Any]:
     return export_onnx(paths.model_dir(category), paths.onnx_file(category))
 
 
+@writes_category
 def register(params: Params, category: str) -> dict[str, Any]:
     """Stage ``register@C``: MLflow run + pyfunc model registered as ``adps-<C>`` (alias challenger).
 
@@ -370,6 +404,7 @@ def register(params: Params, category: str) -> dict[str, Any]:
     return tracking.register(params, category)
 
 
+@writes_category
 def promote(params: Params, category: str, version: str) -> dict[str, Any]:
     """Move the ``champion`` alias of ``adps-<C>`` to ``version`` (what the MLflow UI does by hand)."""
     from adps import tracking

@@ -27,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from adps import paths, stages
 from adps.config import DEFAULT_PARAMS_PATH, Params, load_params
 from adps.errors import AdpsError, ValidationFailed
+from adps.files import exclusive_lock
 from flows import versioning
 
 TRANSIENT_RETRIES = 2  # for I/O with servers (MLflow, DVC remote); training never retries
@@ -124,7 +125,7 @@ def category_row(category: str, chain: dict[str, Any], metrics: dict[str, Any]) 
     row: dict[str, Any] = {
         "category": category,
         "status": status,
-        "ran": ", ".join(name for name, f in chain.items() if ran(f)) or "-",
+        "ran": ", ".join(name for name, f in chain.items() if ran(f)) or "nothing",
     }
     if status == "held back":
         error = chain["validate"].state.result(raise_on_failure=False)
@@ -180,6 +181,13 @@ def adps_pipeline(params_path: str = str(DEFAULT_PARAMS_PATH), force: bool = Fal
         params_path: the params file (the project root is the working directory).
         force: run every stage, even those DVC reports up to date.
     """
+    busy = "another adps-pipeline run is working on this project; this one starts nothing"
+    with exclusive_lock(paths.pipeline_lock(), busy):
+        return run_pipeline(params_path, force)
+
+
+def run_pipeline(params_path: str, force: bool) -> list[dict[str, Any]]:
+    """The body of :func:`adps_pipeline`, run while it holds the project's pipeline lock."""
     params = load_params(params_path)
     logger = get_run_logger()
     prepared = prepare_task(params_path, force=force, return_state=True)

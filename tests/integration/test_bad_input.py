@@ -334,3 +334,64 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         read_checkpoint(tmp_path / "psm.pt")
     assert not marker.exists()
+
+
+def wait_for_holder(lock: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Until ``process`` holds ``lock`` (it writes its pid there once it has it)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if lock.is_file() and lock.read_text().strip() == f"pid {process.pid}":
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{lock} was never taken by pid {process.pid}")
+
+
+def test_two_runs_never_write_one_category_at_once(project):
+    """Overlapping runs: a second writer of the category fails at once and names the first; both files stay sound."""
+    write_params(project, train={"distill": {"epochs": 40, "batch_size": 4}})
+    first = subprocess.Popen(
+        [*ADPS, "distill", "-c", "washer"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_holder(project / paths.category_lock("washer"), first)
+        second = adps("distill", "-c", "washer", cwd=project)
+        assert_user_error(second, "category washer is being written by another pipeline run", f"pid {first.pid}")
+        evaluated = adps("evaluate", "-c", "washer", cwd=project)  # any stage of that category waits its turn
+        assert_user_error(evaluated, "category washer is being written")
+        other = adps("validate", "-c", "fabric", cwd=project)  # other categories are free
+        assert other.returncode == 0, other.stderr
+    finally:
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert read_checkpoint(project / paths.student_checkpoint("washer"))["phase"] == "distill"
+
+
+def test_second_flow_run_on_a_busy_project_starts_nothing(project, tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import adps_pipeline
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(project / paths.pipeline_lock())], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with prefect_test_harness(server_startup_timeout=120), pytest.raises(AdpsError) as err:
+            adps_pipeline(params_path="params.yaml")
+        assert "another adps-pipeline run is working on this project" in str(err.value)
+        assert f"pid {holder.pid}" in str(err.value)
+    finally:
+        holder.kill()
+    assert not (project / "models").exists() and not (project / "reports").exists()
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+from pathlib import Path
+path = Path(sys.argv[1]); path.parent.mkdir(parents=True, exist_ok=True)
+handle = open(path, "a+"); fcntl.flock(handle, fcntl.LOCK_EX); handle.write(f"pid {os.getpid()}"); handle.flush()
+print("held", flush=True); time.sleep(600)
+"""

@@ -92,7 +92,7 @@ def test_second_run_trains_nothing_and_registers_nothing(nightly, monkeypatch):
     assert {name: states[name] for name in stage_runs} == dict.fromkeys(stage_runs, "Unchanged")
     rows = table_rows()
     assert [rows[c]["status"] for c in CATEGORIES] == ["unchanged", "unchanged"]
-    assert all(rows[c]["ran"] == "-" and rows[c]["version"] == "1" for c in CATEGORIES)
+    assert all(rows[c]["ran"] == "nothing" and rows[c]["version"] == "1" for c in CATEGORIES)
     assert {c: versions(client, c) for c in CATEGORIES} == before
     assert {c: model_mtimes(root, c) for c in CATEGORIES} == mtimes
     assert "Data and pipelines are up to date" in run(["dvc", "status"], root, env)

@@ -88,21 +88,26 @@ def test_kolektor_missing_gt_names_the_file(tmp_path):
         import_kolektor(tmp_path, tmp_path / "out")
 
 
+def import_from(root: Path, test_normal_fraction: float) -> None:
+    """The folder importer on ``root/{normal,anomalous,masks}`` into ``root/out``."""
+    import_folder_category(
+        root / "normal",
+        root / "anomalous",
+        root / "masks",
+        root / "out",
+        mask_suffix="_mask",
+        test_normal_fraction=test_normal_fraction,
+        seed=0,
+    )
+
+
 def test_folder_import(tmp_path):
     for i in range(10):
         png(tmp_path / "normal" / f"n{i}.png", 100 + i)
     png(tmp_path / "anomalous" / "a0.png")
     mask_png(tmp_path / "masks" / "a0_mask.png", True)
     png(tmp_path / "anomalous" / "a1.png")  # no mask: left for validation to report
-    import_folder_category(
-        tmp_path / "normal",
-        tmp_path / "anomalous",
-        tmp_path / "masks",
-        tmp_path / "out",
-        mask_suffix="_mask",
-        test_normal_fraction=0.2,
-        seed=0,
-    )
+    import_from(tmp_path, 0.2)
     samples = build_sample_index(tmp_path / "out", "c")
     expected = {f"n{i}.png": normal_split(f"n{i}.png", 0, 0.2) for i in range(10)}
     assert {s.image_path.name: s.split for s in samples if s.label == 0} == expected
@@ -124,15 +129,7 @@ def test_folder_import_refuses_to_overwrite_an_imported_file(tmp_path):
     png(tmp_path / "out" / "train" / "good" / "x.png", 5)
     png(tmp_path / "out" / "test" / "good" / "x.png", 5)
     with pytest.raises(DatasetError, match=r"x.png would replace .*rename one"):
-        import_folder_category(
-            tmp_path / "normal",
-            tmp_path / "a",
-            tmp_path / "m",
-            tmp_path / "out",
-            mask_suffix="_mask",
-            test_normal_fraction=0.2,
-            seed=0,
-        )
+        import_from(tmp_path, 0.2)
 
 
 def test_folder_import_copies_an_undecodable_mask_for_validation_to_name(tmp_path):
@@ -140,26 +137,10 @@ def test_folder_import_copies_an_undecodable_mask_for_validation_to_name(tmp_pat
     png(tmp_path / "anomalous" / "a.png")
     (tmp_path / "masks").mkdir()
     (tmp_path / "masks" / "a_mask.png").write_bytes(b"not a png")
-    import_folder_category(
-        tmp_path / "normal",
-        tmp_path / "anomalous",
-        tmp_path / "masks",
-        tmp_path / "out",
-        mask_suffix="_mask",
-        test_normal_fraction=0.0,
-        seed=0,
-    )
+    import_from(tmp_path, 0.0)
     assert (tmp_path / "out" / "ground_truth" / "anomalous" / "a_mask.png").read_bytes() == b"not a png"
 
 
 def test_folder_import_without_normals_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match=r"no normal images in .*normal"):
-        import_folder_category(
-            tmp_path / "normal",
-            tmp_path / "a",
-            tmp_path / "m",
-            tmp_path / "out",
-            mask_suffix="_mask",
-            test_normal_fraction=0.2,
-            seed=0,
-        )
+        import_from(tmp_path, 0.2)
