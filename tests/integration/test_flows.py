@@ -29,6 +29,7 @@ def flow_project(tmp_path_factory, harness):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("PATH", env["PATH"])
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri in earlier tests sets it
         rows = adps_pipeline(params_path="params.yaml")
     return root, env, rows
 

@@ -39,6 +39,7 @@ def nightly(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(root)
             mp.setenv("PATH", env["PATH"])
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri in earlier tests sets it
             first = run_flow()
             assert first.is_completed(), first.message
             client = MlflowClient(f"sqlite:///{root}/mlflow.db", registry_uri=f"sqlite:///{root}/mlflow.db")
