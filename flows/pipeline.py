@@ -96,6 +96,7 @@ def task_runner(params: Params):
 
 
 def failures_markdown(category: str, failures: list[dict[str, str]]) -> str:
+    """The artifact of a held-back category: every bad file with the check and the reason."""
     rows = "\n".join(f"| `{f['file']}` | {f['check']} | {f['reason']} |" for f in failures)
     return (
         f"# {category}: held back, dataset validation failed\n\nThis category was not trained; the others went on.\n\n"
@@ -108,10 +109,16 @@ def ran(future: Any) -> bool:
     return future.state.is_completed() and future.state.name != UNCHANGED
 
 
+def validation_error(chain: dict[str, Any]) -> BaseException | None:
+    """The exception of a failed ``validate`` task (a :class:`ValidationFailed` names the bad files)."""
+    state = chain["validate"].state
+    return state.result(raise_on_failure=False) if state.is_failed() else None
+
+
 def chain_status(chain: dict[str, Any]) -> str:
     """retrained (a training phase ran), updated (only later stages), unchanged, held back or failed."""
     failed = next((name for name, f in chain.items() if not f.state.is_completed()), None)
-    if failed == "validate":
+    if failed == "validate" and isinstance(validation_error(chain), ValidationFailed):
         return "held back"
     if failed:
         return f"failed at {failed}"
@@ -128,15 +135,13 @@ def category_row(category: str, chain: dict[str, Any], metrics: dict[str, Any]) 
         "ran": ", ".join(name for name, f in chain.items() if ran(f)) or "nothing",
     }
     if status == "held back":
-        error = chain["validate"].state.result(raise_on_failure=False)
-        if isinstance(error, ValidationFailed):
-            files = sorted({f["file"] for f in error.failures})
-            row["held back by"] = ", ".join(files)
-            create_markdown_artifact(
-                key=f"validation-failures-{category}".lower(),
-                markdown=failures_markdown(category, error.failures),
-                description=f"Files that held back {category}",
-            )
+        failures = validation_error(chain).failures
+        row["held back by"] = ", ".join(sorted({f["file"] for f in failures}))
+        create_markdown_artifact(
+            key=f"validation-failures-{category}".lower(),
+            markdown=failures_markdown(category, failures),
+            description=f"Files that held back {category}",
+        )
     row.update({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     record = paths.registry_record(category)
     if record.is_file():
