@@ -66,11 +66,16 @@ def writes_category(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict[
 
     @functools.wraps(stage)
     def locked(params: Params, category: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        busy = f"category {category} is being written by another pipeline run; rerun when it has finished"
-        with exclusive_lock(paths.category_lock(category), busy):
+        with category_lock(category):
             return stage(params, category, *args, **kwargs)
 
     return locked
+
+
+def category_lock(category: str):
+    """The lock held while anything writes one category's files (stages, and ``prepare`` swapping its data)."""
+    busy = f"category {category} is being written by another pipeline run; rerun when it has finished"
+    return exclusive_lock(paths.category_lock(category), busy)
 
 
 def build_category(params: Params, category: str, dest: Path) -> None:
@@ -117,9 +122,8 @@ def refresh_dataset(params: Params) -> dict[str, Any]:
     changed, counts = [], {}
     for category in params.data.categories:
         folder = target / category
-        busy = f"category {category} is being trained or evaluated by another pipeline run; rerun when it has finished"
         try:
-            with exclusive_lock(paths.category_lock(category), busy):
+            with category_lock(category):
                 if refresh_dir(folder, lambda tmp, c=category: build_category(params, c, tmp)):
                     changed.append(category)
         except BaseException:
