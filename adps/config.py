@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from adps.errors import AdpsError
 
@@ -240,7 +240,14 @@ class TuneParams(Section):
 
 
 class Params(Section):
-    """All pipeline parameters; one instance per params file."""
+    """All pipeline parameters; one instance per params file.
+
+    ``root`` is the project root every path of :mod:`adps.paths` is resolved against: the params
+    file's folder (or the working directory for params built in code). It is not a parameter: it
+    is not dumped, logged or tuned, and :meth:`at` gives the same params for another root.
+    """
+
+    _root: Path = PrivateAttr(default_factory=lambda: Path.cwd().resolve())
 
     runtime: RuntimeParams = RuntimeParams()
     data: DataParams = DataParams()
@@ -257,6 +264,16 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
     tune: TuneParams = TuneParams()
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def at(self, root: Path | str) -> Params:
+        """The same params for a project at ``root`` (e.g. a tuning trial's own folder)."""
+        moved = self.model_copy()
+        moved._root = Path(root).resolve()
+        return moved
 
     @model_validator(mode="after")
     def _check_tune_space(self) -> Params:
@@ -316,16 +333,20 @@ def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
         raise ParamsError(f"{path} is empty: copy the project's params.yaml and edit it (defaults are never implied).")
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    return params_from_dict(raw, source=str(path))
+    return params_from_dict(raw, source=str(path), root=path.resolve().parent)
 
 
-def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
-    """Validate a params mapping, turning pydantic errors into one readable ParamsError."""
+def params_from_dict(raw: dict[str, Any], source: str = "params", root: Path | str | None = None) -> Params:
+    """Validate a params mapping, turning pydantic errors into one readable ParamsError.
+
+    ``root``: the project root (default: the working directory).
+    """
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         lines = [describe_error(e) for e in err.errors()]
         raise ParamsError(f"{source}: invalid parameters:\n  - " + "\n  - ".join(lines)) from None
+    return params if root is None else params.at(root)
 
 
 def describe_error(error: dict[str, Any]) -> str:
@@ -395,4 +416,4 @@ def override_params(params: Params, values: dict[str, Any]) -> Params:
     raw = params.model_dump(mode="json")
     for key, value in values.items():
         set_dotted(raw, key, value)
-    return params_from_dict(raw, source="overrides")
+    return params_from_dict(raw, source="overrides", root=params.root)

@@ -1,7 +1,10 @@
 """Every canonical file path of the pipeline, derived from params: the one place they live.
 
-All paths are relative to the project root (the working directory of ``adps`` and ``dvc``), so
-DVC stages and Prefect tasks write exactly the same files.
+Every path is resolved against the project root, ``params.root`` (the params file's folder), never
+against the working directory: DVC stages, Prefect tasks on Dask workers and tuning trials in their
+own folders write exactly the files their params point at, wherever the process runs. What is
+recorded in files (validation tables, fingerprints) is relative to the root (:func:`in_project`),
+so a project gives the same bytes wherever it is cloned.
 """
 
 from __future__ import annotations
@@ -16,56 +19,67 @@ REPORTS_ROOT = Path("reports")
 LOCKS_ROOT = Path(".adps") / "locks"  # git-ignored
 
 
+def in_project(params: Params, path: Path) -> str:
+    """``path`` as recorded in files and messages: relative to the project root when inside it."""
+    path = Path(path)
+    return str(path.relative_to(params.root)) if path.is_relative_to(params.root) else str(path)
+
+
+def import_dir(params: Params) -> Path:
+    """``data.import_path`` (where new images arrive), resolved against the project root."""
+    return params.root / params.data.import_path
+
+
 def dataset_dir(params: Params) -> Path:
     """``data/<source>``: the dataset in MVTec layout, one folder per category."""
-    return DATA_ROOT / params.data.source
+    return params.root / DATA_ROOT / params.data.source
 
 
 def category_dir(params: Params, category: str) -> Path:
     return dataset_dir(params) / category
 
 
-def validation_dir(category: str) -> Path:
+def validation_dir(params: Params, category: str) -> Path:
     """``reports/validation/<category>``: the category's validation result (gates its training)."""
-    return REPORTS_ROOT / "validation" / category
+    return params.root / REPORTS_ROOT / "validation" / category
 
 
-def validation_summary(category: str) -> Path:
-    return validation_dir(category) / "summary.json"
+def validation_summary(params: Params, category: str) -> Path:
+    return validation_dir(params, category) / "summary.json"
 
 
-def validation_failures_csv(category: str) -> Path:
-    return validation_dir(category) / "failures.csv"
+def validation_failures_csv(params: Params, category: str) -> Path:
+    return validation_dir(params, category) / "failures.csv"
 
 
-def validation_metadata_csv(category: str) -> Path:
-    return validation_dir(category) / "metadata.csv"
+def validation_metadata_csv(params: Params, category: str) -> Path:
+    return validation_dir(params, category) / "metadata.csv"
 
 
-def data_docs_dir(category: str) -> Path:
-    return validation_dir(category) / "data_docs"
+def data_docs_dir(params: Params, category: str) -> Path:
+    return validation_dir(params, category) / "data_docs"
 
 
-def model_dir(category: str) -> Path:
+def model_dir(params: Params, category: str) -> Path:
     """``models/<category>``: student.pt, psm.pt and thresholds.json (the deployable model)."""
-    return MODELS_ROOT / category
+    return params.root / MODELS_ROOT / category
 
 
-def student_checkpoint(category: str) -> Path:
-    return model_dir(category) / "student.pt"
+def student_checkpoint(params: Params, category: str) -> Path:
+    return model_dir(params, category) / "student.pt"
 
 
-def psm_checkpoint(category: str) -> Path:
-    return model_dir(category) / "psm.pt"
+def psm_checkpoint(params: Params, category: str) -> Path:
+    return model_dir(params, category) / "psm.pt"
 
 
-def thresholds_file(category: str) -> Path:
-    return model_dir(category) / "thresholds.json"
+def thresholds_file(params: Params, category: str) -> Path:
+    return model_dir(params, category) / "thresholds.json"
 
 
-def onnx_file(category: str) -> Path:
+def onnx_file(params: Params, category: str) -> Path:
     """``models/<category>/model.onnx``: the whole inference path for ONNX Runtime (``adps export``)."""
-    return model_dir(category) / "model.onnx"
+    return model_dir(params, category) / "model.onnx"
 
 
 def resume_checkpoint(final: Path) -> Path:
@@ -73,45 +87,51 @@ def resume_checkpoint(final: Path) -> Path:
     return final.with_name(f".{final.stem}.resume.pt")
 
 
-def train_history(category: str, phase: str) -> Path:
+def train_history(params: Params, category: str, phase: str) -> Path:
     """``reports/train/<category>/<phase>.json``: per-epoch losses, lr and seconds (DVC plots)."""
-    return REPORTS_ROOT / "train" / category / f"{phase}.json"
+    return params.root / REPORTS_ROOT / "train" / category / f"{phase}.json"
 
 
-def metrics_file(category: str) -> Path:
-    return REPORTS_ROOT / "metrics" / f"{category}.json"
+def metrics_file(params: Params, category: str) -> Path:
+    return params.root / REPORTS_ROOT / "metrics" / f"{category}.json"
 
 
-def plots_dir(category: str) -> Path:
-    return REPORTS_ROOT / "plots" / category
+def plots_dir(params: Params, category: str) -> Path:
+    return params.root / REPORTS_ROOT / "plots" / category
 
 
-def heatmaps_dir(category: str) -> Path:
-    return REPORTS_ROOT / "heatmaps" / category
+def heatmaps_dir(params: Params, category: str) -> Path:
+    return params.root / REPORTS_ROOT / "heatmaps" / category
 
 
-def registry_record(category: str) -> Path:
+def registry_record(params: Params, category: str) -> Path:
     """``reports/registry/<category>.json``: registered model name, version, run and aliases."""
-    return REPORTS_ROOT / "registry" / f"{category}.json"
+    return params.root / REPORTS_ROOT / "registry" / f"{category}.json"
 
 
-def category_lock(category: str) -> Path:
+def category_lock(params: Params, category: str) -> Path:
     """Held while a stage writes one category's files (any front-end, any process)."""
-    return LOCKS_ROOT / f"{category}.lock"
+    return params.root / LOCKS_ROOT / f"{category}.lock"
 
 
-def pipeline_lock() -> Path:
+def pipeline_lock(params: Params) -> Path:
     """Held for a whole run of the Prefect flow ``adps-pipeline`` (one at a time per project)."""
-    return LOCKS_ROOT / "pipeline.lock"
+    return params.root / LOCKS_ROOT / "pipeline.lock"
 
 
-def dataset_lock() -> Path:
+def cluster_probe(params: Params) -> Path:
+    """A token each Dask worker must read back: proof that it sees this project (flows/cluster.py)."""
+    return params.root / ".adps" / "cluster-probe"
+
+
+def dvc_calls_lock(params: Params) -> Path:
+    """Held while the flow runs a ``dvc`` command (one at a time per project, from any process)."""
+    return params.root / LOCKS_ROOT / "dvc.lock"
+
+
+def dataset_lock(params: Params) -> Path:
     """Held while ``prepare`` writes the dataset."""
-    return LOCKS_ROOT / "prepare.lock"
-
-
-def dvc_lock() -> Path:
-    return Path("dvc.lock")
+    return params.root / LOCKS_ROOT / "prepare.lock"
 
 
 def pipeline_outputs() -> tuple[Path, ...]:
@@ -119,29 +139,29 @@ def pipeline_outputs() -> tuple[Path, ...]:
 
     Changes under these do not make a run "dirty": only source and params count.
     """
-    return (DATA_ROOT, MODELS_ROOT, REPORTS_ROOT, dvc_lock())
+    return (DATA_ROOT, MODELS_ROOT, REPORTS_ROOT, Path("dvc.lock"))
 
 
-def absolute_sqlite_url(url: str) -> str:
-    """A ``sqlite:///relative.db`` URL made absolute, other URLs unchanged.
+def absolute_sqlite_url(url: str, root: Path) -> str:
+    """A ``sqlite:///relative.db`` URL resolved against the project ``root``, other URLs unchanged.
 
     DVC's queued experiments run in a temp copy and tuning workers in their own folders: a relative
     sqlite path there would silently start a new, empty database.
     """
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
-        return prefix + str(Path(url[len(prefix) :]).resolve())
+        return prefix + str((root / url[len(prefix) :]).resolve())
     return url
 
 
-def params_file() -> Path:
-    return Path("params.yaml")
+def params_file(params: Params) -> Path:
+    return params.root / "params.yaml"
 
 
-def tuning_dir(category: str) -> Path:
+def tuning_dir(params: Params, category: str) -> Path:
     """``reports/tuning/<category>``: best_params.yaml and trials.csv of the category's study."""
-    return REPORTS_ROOT / "tuning" / category
+    return params.root / REPORTS_ROOT / "tuning" / category
 
 
-def best_params_file(category: str) -> Path:
-    return tuning_dir(category) / "best_params.yaml"
+def best_params_file(params: Params, category: str) -> Path:
+    return tuning_dir(params, category) / "best_params.yaml"

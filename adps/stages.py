@@ -66,22 +66,22 @@ def writes_category(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict[
 
     @functools.wraps(stage)
     def locked(params: Params, category: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        with category_lock(category):
+        with category_lock(params, category):
             return stage(params, category, *args, **kwargs)
 
     return locked
 
 
-def category_lock(category: str):
+def category_lock(params: Params, category: str):
     """The lock held while anything writes one category's files (stages, and ``prepare`` swapping its data)."""
     busy = f"category {category} is being written by another pipeline run; rerun when it has finished"
-    return exclusive_lock(paths.category_lock(category), busy)
+    return exclusive_lock(paths.category_lock(params, category), busy)
 
 
 def build_category(params: Params, category: str, dest: Path) -> None:
     """Generate or import one category of ``data.categories`` into ``dest`` (MVTec layout)."""
     data = params.data
-    source = Path(data.import_path)
+    source = paths.import_dir(params)
     if data.source == "synthetic":
         synthetic.generate_category(
             category, params.synthetic, params.runtime.seed, dest, progress=progress_enabled(params)
@@ -111,7 +111,7 @@ def prepare(params: Params) -> dict[str, Any]:
     category whose source did not change keeps its exact files and DVC sees only the changed ones as
     stale. Folders of categories no longer configured are removed.
     """
-    with exclusive_lock(paths.dataset_lock(), "the dataset is being prepared by another pipeline run"):
+    with exclusive_lock(paths.dataset_lock(params), "the dataset is being prepared by another pipeline run"):
         return refresh_dataset(params)
 
 
@@ -123,7 +123,7 @@ def refresh_dataset(params: Params) -> dict[str, Any]:
     for category in params.data.categories:
         folder = target / category
         try:
-            with category_lock(category):
+            with category_lock(params, category):
                 if refresh_dir(folder, lambda tmp, c=category: build_category(params, c, tmp)):
                     changed.append(category)
         except BaseException:
@@ -154,10 +154,10 @@ def validate(params: Params, category: str) -> dict[str, Any]:
     def run(docs_tmp: Path) -> None:
         samples = layout.build_sample_index(paths.category_dir(params, category), category)
         holder["report"] = validate_dataset(
-            samples, [category], params.validation, docs_tmp, progress=progress_enabled(params)
+            samples, [category], params.validation, docs_tmp, params.root, progress=progress_enabled(params)
         )
 
-    replace_dir_atomically(paths.data_docs_dir(category), run)
+    replace_dir_atomically(paths.data_docs_dir(params, category), run)
     report = holder["report"]
     summary = {
         "category": category,
@@ -167,19 +167,20 @@ def validate(params: Params, category: str) -> dict[str, Any]:
         "counts": report.counts.drop(columns="path").to_dict(orient="records"),
         "checks": report.checks,
         "failures": report.failures,
-        "data_docs": str(paths.data_docs_dir(category) / "index.html"),
+        "data_docs": paths.in_project(params, paths.data_docs_dir(params, category) / "index.html"),
     }
-    write_text_atomically(paths.validation_metadata_csv(category), report.metadata.to_csv(index=False))
-    write_text_atomically(paths.validation_failures_csv(category), failures_csv(report.failures))
-    write_json_atomically(paths.validation_summary(category), summary)
+    write_text_atomically(paths.validation_metadata_csv(params, category), report.metadata.to_csv(index=False))
+    write_text_atomically(paths.validation_failures_csv(params, category), failures_csv(report.failures))
+    summary_path = paths.validation_summary(params, category)
+    write_json_atomically(summary_path, summary)
     if not report.success:
-        message = validation_message(category, report.failures, summary["data_docs"], params.data.import_path)
+        message = validation_message(params, category, report.failures, summary["data_docs"])
         raise ValidationFailed(message, report.failures)
-    return {"success": True, "n_images": summary["n_images"], "summary": str(paths.validation_summary(category))}
+    return {"success": True, "n_images": summary["n_images"], "summary": str(summary_path)}
 
 
 def validation_message(
-    category: str, failures: list[dict[str, str]], data_docs: str, source: Path, shown: int = 5
+    params: Params, category: str, failures: list[dict[str, str]], data_docs: str, shown: int = 5
 ) -> str:
     """What a held-back category's error says: the bad files with their reasons, and where the rest is."""
     files = sorted({f["file"] for f in failures})
@@ -188,10 +189,10 @@ def validation_message(
     return "\n".join(
         [
             f"dataset validation failed for {category}: {len(failures)} problem(s) in {len(files)} file(s); "
-            f"fix or remove them where they came from (data.import_path: {source}) and rerun:",
+            f"fix or remove them where they came from (data.import_path: {params.data.import_path}) and rerun:",
             *lines,
             *more,
-            f"see {paths.validation_failures_csv(category)} and {data_docs}",
+            f"see {paths.in_project(params, paths.validation_failures_csv(params, category))} and {data_docs}",
         ]
     )
 
@@ -210,12 +211,14 @@ def phase_fingerprint(params: Params, category: str, phase: str, train_samples: 
         phase=phase,
         category=category,
         distill=params.train.distill.model_dump(mode="json"),
-        files=[str(s.image_path) for s in train_samples],
+        files=[paths.in_project(params, s.image_path) for s in train_samples],
     )
     return fingerprint(payload)
 
 
-def finish_phase(final: Path, model, spec: dict, history: list, category: str, phase: str, **meta: Any) -> None:
+def finish_phase(
+    params: Params, final: Path, model, spec: dict, history: list, category: str, phase: str, **meta: Any
+) -> None:
     """Write the final checkpoint and history, then drop the resume file.
 
     The checkpoint's history leaves out wall-clock seconds, so the same params and data give a
@@ -225,7 +228,7 @@ def finish_phase(final: Path, model, spec: dict, history: list, category: str, p
     # objects, which pickle writes as back-references) then serialise to the same bytes.
     losses = json.loads(json.dumps([{k: v for k, v in entry.items() if k != "seconds"} for entry in history]))
     save_checkpoint(final, model.cpu(), spec, phase=phase, category=category, history=losses, **meta)
-    write_json_atomically(paths.train_history(category, phase), history)
+    write_json_atomically(paths.train_history(params, category, phase), history)
     paths.resume_checkpoint(final).unlink(missing_ok=True)
 
 
@@ -242,7 +245,7 @@ def distill(params: Params, category: str) -> dict[str, Any]:
         teacher_weights += "; BatchNorm statistics from the normal training images"
         calibrate_batchnorm(model.teacher.net, normal_batches(train, params))
     model.to(device)
-    final = paths.student_checkpoint(category)
+    final = paths.student_checkpoint(params, category)
     stamp = phase_fingerprint(params, category, "distill", train)
     phase = Phase(
         "distill",
@@ -255,7 +258,9 @@ def distill(params: Params, category: str) -> dict[str, Any]:
         params.runtime.seed,
     )
     history = fit(phase, model, TrainDataset(train, params, params.runtime.seed), progress_enabled(params))
-    finish_phase(final, model, spec, history, category, "distill", teacher_weights=teacher_weights, fingerprint=stamp)
+    finish_phase(
+        params, final, model, spec, history, category, "distill", teacher_weights=teacher_weights, fingerprint=stamp
+    )
     return {
         "checkpoint": str(final),
         "epochs": len(history),
@@ -276,10 +281,10 @@ def normal_batches(samples: list, params: Params) -> list:
 
 def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
     """The model with the teacher and student of stage 1 (PSM freshly initialised)."""
-    student = read_checkpoint(paths.student_checkpoint(category))
+    student = read_checkpoint(paths.student_checkpoint(params, category))
     if student["spec"]["model"] | {"psm_head_channels": None} != spec["model"] | {"psm_head_channels": None}:
         raise CheckpointError(
-            f"{paths.student_checkpoint(category)} was trained with model params {student['spec']['model']} "
+            f"{paths.student_checkpoint(params, category)} was trained with model params {student['spec']['model']} "
             f"but params say {spec['model']}: rerun `adps distill --category {category}` first."
         )
     with seeded(params.runtime.seed + 1):
@@ -289,7 +294,7 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
     missing = [k for k in loaded.missing_keys if not k.startswith("psm.")]
     if missing or loaded.unexpected_keys:
         raise CheckpointError(
-            f"{paths.student_checkpoint(category)} does not hold a complete teacher and student "
+            f"{paths.student_checkpoint(params, category)} does not hold a complete teacher and student "
             f"(missing {missing[:3]}, unexpected {loaded.unexpected_keys[:3]}): rerun `adps distill -c {category}`."
         )
     return model, student
@@ -306,7 +311,7 @@ def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) ->
     spec = model_spec(params)
     model, student = load_trained_student(params, category, spec)
     model.to(device)
-    final = paths.psm_checkpoint(category)
+    final = paths.psm_checkpoint(params, category)
     stamp = phase_fingerprint(params, category, "psm", train) + student["fingerprint"]
     phase = Phase(
         "psm",
@@ -321,7 +326,15 @@ def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) ->
     dataset = TrainDataset(train, params, params.runtime.seed + 1)
     history = fit(phase, model, dataset, progress_enabled(params), on_epoch_end)
     finish_phase(
-        final, model, spec, history, category, "psm", teacher_weights=student["teacher_weights"], fingerprint=stamp
+        params,
+        final,
+        model,
+        spec,
+        history,
+        category,
+        "psm",
+        teacher_weights=student["teacher_weights"],
+        fingerprint=stamp,
     )
     return {
         "checkpoint": str(final),
@@ -352,14 +365,14 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     """
     device = setup_torch(params)
     _, val, test = category_splits(params, category)
-    model, checkpoint = load_model(paths.psm_checkpoint(category))
-    check_trained_with(params, checkpoint, paths.psm_checkpoint(category), category)
+    model, checkpoint = load_model(paths.psm_checkpoint(params, category))
+    check_trained_with(params, checkpoint, paths.psm_checkpoint(params, category), category)
     model.to(device).set_scoring(**params.score.model_dump())
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
     val_pred = validation_predictions(model, val, params, device, progress)
     test_pred = predict_dataset(model, LabelledDataset(test, params), batch, device, progress)
     thresholds = reports.calibrate(val_pred, params.threshold, params.score.model_dump(mode="json"))
-    thresholds.update(category=category, checkpoint_sha256=file_sha256(paths.psm_checkpoint(category)))
+    thresholds.update(category=category, checkpoint_sha256=file_sha256(paths.psm_checkpoint(params, category)))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
     size, built = params.data.image_size, {}
@@ -373,10 +386,13 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
         reports.save_heatmap_grid(tmp / "heatmaps.png", built["heatmaps"])
 
     write_together(
-        {paths.heatmaps_dir(category): heatmaps, paths.plots_dir(category): plots},
-        {paths.thresholds_file(category): json_text(thresholds), paths.metrics_file(category): json_text(metrics)},
+        {paths.heatmaps_dir(params, category): heatmaps, paths.plots_dir(params, category): plots},
+        {
+            paths.thresholds_file(params, category): json_text(thresholds),
+            paths.metrics_file(params, category): json_text(metrics),
+        },
     )
-    return {"metrics": str(paths.metrics_file(category)), **{k: metrics[k] for k in METRIC_NAMES}}
+    return {"metrics": str(paths.metrics_file(params, category)), **{k: metrics[k] for k in METRIC_NAMES}}
 
 
 @writes_category
@@ -385,7 +401,7 @@ def export(params: Params, category: str) -> dict[str, Any]:
     from adps.export import export_onnx
 
     check_category(params, category)
-    return export_onnx(paths.model_dir(category), paths.onnx_file(category))
+    return export_onnx(paths.model_dir(params, category), paths.onnx_file(params, category))
 
 
 @writes_category
@@ -398,7 +414,11 @@ def register(params: Params, category: str) -> dict[str, Any]:
     from adps import tracking
 
     check_category(params, category)
-    needed = [paths.psm_checkpoint(category), paths.thresholds_file(category), paths.metrics_file(category)]
+    needed = [
+        paths.psm_checkpoint(params, category),
+        paths.thresholds_file(params, category),
+        paths.metrics_file(params, category),
+    ]
     missing = [str(path) for path in needed if not path.is_file()]
     if missing:
         raise AdpsError(
@@ -421,7 +441,7 @@ def summarize(params: Params) -> dict[str, Any]:
     """Per-category headline metrics from reports/metrics (categories not evaluated yet are skipped)."""
     rows = {}
     for category in params.data.categories:
-        path = paths.metrics_file(category)
+        path = paths.metrics_file(params, category)
         if path.is_file():
             try:
                 metrics = json.loads(path.read_text())

@@ -58,7 +58,7 @@ def model_name(category: str) -> str:
 
 def tracking_uri(params: Params) -> str:
     """``MLFLOW_TRACKING_URI`` or ``tracking.uri``; relative sqlite paths made absolute (DVC temp dirs)."""
-    return paths.absolute_sqlite_url(os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri)
+    return paths.absolute_sqlite_url(os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri, params.root)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -85,21 +85,40 @@ def connect(params: Params):
     return mlflow.MlflowClient(uri)
 
 
+def use_experiment(params: Params) -> None:
+    """Make ``tracking.experiment`` the active experiment, creating it when missing.
+
+    With a local store its artifacts go to ``<project root>/mlruns`` whatever the working directory
+    (MLflow's default is the creating process's cwd); a server decides for itself (proxied artifacts).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name = params.tracking.experiment
+    if not tracking_uri(params).startswith(("http://", "https://")) and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=(params.root / "mlruns").as_uri())
+        except MlflowException as err:  # another process created it first
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    mlflow.set_experiment(name)
+
+
 def file_md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-def model_hash(category: str) -> str:
+def model_hash(params: Params, category: str) -> str:
     """Identity of a deployable model: its weights and thresholds."""
-    parts = [file_md5(paths.psm_checkpoint(category)), file_md5(paths.thresholds_file(category))]
+    parts = [file_md5(paths.psm_checkpoint(params, category)), file_md5(paths.thresholds_file(params, category))]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:32]
 
 
-def git_tags() -> dict[str, str]:
+def git_tags(root: Path) -> dict[str, str]:
     """The commit, and whether source or params differ from it (the pipeline's own outputs do not count)."""
 
     def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], capture_output=True, text=True)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")
@@ -164,11 +183,11 @@ def what_changed(client, name: str, manifest: dict[str, str], logged_params: dic
     ]
 
 
-def history_metrics(category: str) -> list[tuple[str, float, int]]:
+def history_metrics(params: Params, category: str) -> list[tuple[str, float, int]]:
     """(key, value, step) of every per-epoch number of both training phases."""
     rows = []
     for phase in ("distill", "psm"):
-        path = paths.train_history(category, phase)
+        path = paths.train_history(params, category, phase)
         if path.is_file():
             for entry in json.loads(path.read_text()):
                 rows += [(f"{phase}_{k}", float(v), int(entry["epoch"])) for k, v in entry.items() if k != "epoch"]
@@ -188,24 +207,27 @@ def log_run_contents(run_id: str, params: Params, category: str, metrics: dict[s
     client = mlflow.MlflowClient()
     client.log_batch(run_id, params=[Param(k, v) for k, v in logged_params(params).items()])
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    history = [Metric(k, v, 0, step) for k, v, step in history_metrics(category)]
+    history = [Metric(k, v, 0, step) for k, v, step in history_metrics(params, category)]
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()] + history)
     for path in (
-        paths.metrics_file(category),
-        paths.validation_summary(category),
-        paths.params_file(),
-        paths.train_history(category, "distill"),
-        paths.train_history(category, "psm"),
-        paths.onnx_file(category),
+        paths.metrics_file(params, category),
+        paths.validation_summary(params, category),
+        paths.params_file(params),
+        paths.train_history(params, category, "distill"),
+        paths.train_history(params, category, "psm"),
+        paths.onnx_file(params, category),
     ):
         if path.is_file():
             client.log_artifact(run_id, str(path))
-    for folder, name in ((paths.heatmaps_dir(category), "heatmaps"), (paths.plots_dir(category), "plots")):
+    for folder, name in (
+        (paths.heatmaps_dir(params, category), "heatmaps"),
+        (paths.plots_dir(params, category), "plots"),
+    ):
         if folder.is_dir():
             client.log_artifacts(run_id, str(folder), name)
 
 
-def log_pyfunc(category: str):
+def log_pyfunc(params: Params, category: str):
     """Log the deployable model (psm.pt + thresholds.json) as a pyfunc with a signature."""
     import mlflow
     from mlflow.models import ModelSignature
@@ -229,7 +251,11 @@ def log_pyfunc(category: str):
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "model_dir"
         bundle.mkdir()
-        for path in (paths.psm_checkpoint(category), paths.thresholds_file(category), paths.onnx_file(category)):
+        for path in (
+            paths.psm_checkpoint(params, category),
+            paths.thresholds_file(params, category),
+            paths.onnx_file(params, category),
+        ):
             if path.is_file():  # model.onnx: present when `adps export` ran (always in dvc.yaml and the flow)
                 shutil.copy2(path, bundle / path.name)
         return mlflow.pyfunc.log_model(
@@ -314,9 +340,9 @@ def register(params: Params, category: str) -> dict[str, Any]:
 def log_and_register(params: Params, category: str) -> dict[str, Any]:
     import mlflow
 
-    metrics = json.loads(paths.metrics_file(category).read_text())
+    metrics = json.loads(paths.metrics_file(params, category).read_text())
     client = connect(params)
-    name, digest = model_name(category), model_hash(category)
+    name, digest = model_name(category), model_hash(params, category)
     existing = find_version(client, name, digest)
     if existing is not None:
         logger.info("%s: model unchanged, already version %s", name, existing.version)
@@ -324,23 +350,23 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
         if not aliases and str(existing.version) == latest_version(client, name):
             client.set_registered_model_alias(name, CHALLENGER, existing.version)  # finish an interrupted run
             maybe_promote(client, params, name, str(existing.version))
-        return record_registration(client, category, existing.version, existing.run_id, created=False)
-    mlflow.set_experiment(params.tracking.experiment)
+        return record_registration(client, params, category, existing.version, existing.run_id, created=False)
+    use_experiment(params)
     manifest = data_manifest(params, category)
     tags = {
         "category": category,
         "teacher_weights": str(metrics.get("teacher_weights")),
         "model_hash": digest,
-        "model_md5": file_md5(paths.psm_checkpoint(category)),  # = DVC's md5 of psm.pt
+        "model_md5": file_md5(paths.psm_checkpoint(params, category)),  # = DVC's md5 of psm.pt
         "data_sha256": manifest_digest(manifest),
-        **git_tags(),
+        **git_tags(params.root),
     }
     changes = what_changed(client, name, manifest, logged_params(params), tags["git_commit"])
     description = version_description(client, params, category, metrics, tags, changes)  # before any promotion
     with mlflow.start_run(run_name=f"{category}", tags={**tags, "mlflow.note.content": description}) as run:
         log_run_contents(run.info.run_id, params, category, metrics)
         mlflow.log_dict(manifest, MANIFEST_ARTIFACT)
-        info = log_pyfunc(category)
+        info = log_pyfunc(params, category)
     version_tags = {
         **tags,
         **{k: str(metrics.get(k)) for k in METRIC_NAMES},
@@ -350,7 +376,7 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
     client.update_registered_model(name, description=MODEL_DESCRIPTION.format(category=category))
     client.set_registered_model_alias(name, CHALLENGER, version)
     maybe_promote(client, params, name, version)
-    return record_registration(client, category, version, run.info.run_id, created=True)
+    return record_registration(client, params, category, version, run.info.run_id, created=True)
 
 
 MODEL_DESCRIPTION = """ADPS anomaly detector for product category **{category}** (Asymmetric Distillation
@@ -418,7 +444,9 @@ def number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
-def record_registration(client, category: str, version: str, run_id: str, created: bool) -> dict[str, Any]:
+def record_registration(
+    client, params: Params, category: str, version: str, run_id: str, created: bool
+) -> dict[str, Any]:
     name = model_name(category)
     aliases = sorted(client.get_model_version(name, version).aliases)
     record = {
@@ -429,7 +457,7 @@ def record_registration(client, category: str, version: str, run_id: str, create
         "created": created,
         "uri": f"models:/{name}/{version}",
     }
-    write_json_atomically(paths.registry_record(category), record)
+    write_json_atomically(paths.registry_record(params, category), record)
     return record
 
 
@@ -464,7 +492,7 @@ def study_parent_run(params: Params, study: str, category: str) -> str:
     """The parent MLflow run of an Optuna study (tag ``optuna_study``): reused when the study is continued."""
     import mlflow
 
-    mlflow.set_experiment(params.tracking.experiment)
+    use_experiment(params)
     found = mlflow.search_runs(filter_string=f"tags.optuna_study = '{study}'", output_format="list")
     if found:
         return found[0].info.run_id

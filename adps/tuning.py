@@ -33,6 +33,7 @@ from adps.config import (
     Params,
     flatten_params,
     flatten_tree,
+    load_params,
     nest_dotted,
     override_params,
     params_from_dict,
@@ -55,7 +56,7 @@ def study_name(params: Params, category: str) -> str:
 
 def storage_url(params: Params) -> str:
     """``tune.storage`` with a relative sqlite path made absolute (workers and temp dirs share it)."""
-    return paths.absolute_sqlite_url(params.tune.storage)
+    return paths.absolute_sqlite_url(params.tune.storage, params.root)
 
 
 def load_study(params: Params, category: str) -> optuna.Study:
@@ -158,20 +159,15 @@ TRIAL_FOLDER_PREFIX = "adps-trial-"
 
 
 @contextlib.contextmanager
-def trial_folder(project_root: Path) -> Iterator[Path]:
-    """A temp working folder that sees the project's data (linked) and keeps models apart.
+def trial_project(params: Params) -> Iterator[Params]:
+    """The trial's params rooted in a temp folder that sees the project's data (linked): models apart.
 
-    Its name carries the worker's pid, so a folder left by a killed worker is recognised and removed
-    by the next ``adps tune`` (:func:`remove_dead_trial_folders`).
+    The folder's name carries the worker's pid, so a folder left by a killed worker is recognised and
+    removed by the next ``adps tune`` (:func:`remove_dead_trial_folders`).
     """
-    previous = Path.cwd()
     with tempfile.TemporaryDirectory(prefix=f"{TRIAL_FOLDER_PREFIX}{os.getpid()}-") as tmp:
-        (Path(tmp) / paths.DATA_ROOT).symlink_to(project_root / paths.DATA_ROOT)
-        os.chdir(tmp)
-        try:
-            yield Path(tmp)
-        finally:
-            os.chdir(previous)
+        (Path(tmp) / paths.DATA_ROOT).symlink_to(params.root / paths.DATA_ROOT)
+        yield params.at(tmp)
 
 
 def remove_dead_trial_folders() -> None:
@@ -195,9 +191,8 @@ def process_alive(pid: int) -> bool:
 class Objective:
     """Train one category with the trial's params, report validation values per epoch, return the last."""
 
-    def __init__(self, params: Params, category: str, project_root: Path, parent_run_id: str):
-        self.params, self.category = params, category
-        self.project_root, self.parent_run_id = project_root, parent_run_id
+    def __init__(self, params: Params, category: str, parent_run_id: str):
+        self.params, self.category, self.parent_run_id = params, category, parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = suggest(trial, self.params)
@@ -221,22 +216,22 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at PSM epoch {epoch} (validation value {value:.4f})")
 
-        with trial_folder(self.project_root):
-            stages.distill(params, self.category)
-            stages.psm(params, self.category, on_epoch_end=report)
-            model, _ = load_model(paths.psm_checkpoint(self.category))
-            return validation_value(model, params, self.category)
+        with trial_project(params) as own:
+            stages.distill(own, self.category)
+            stages.psm(own, self.category, on_epoch_end=report)
+            model, _ = load_model(paths.psm_checkpoint(own, self.category))
+            return validation_value(model, own, self.category)
 
 
 def optimize_worker(
     raw_params: dict[str, Any], category: str, n_trials: int, parent_run_id: str, project_root: str
 ) -> None:
     """One worker process (its entry point): run ``n_trials`` trials of the shared study."""
-    params = params_from_dict(raw_params)
+    params = params_from_dict(raw_params, root=project_root)
     log_to_stderr(params.runtime.log_level)
     tracking.connect(params)
     study = load_study(params, category)
-    objective = Objective(params, category, Path(project_root), parent_run_id)
+    objective = Objective(params, category, parent_run_id)
     study.optimize(objective, n_trials=n_trials, timeout=params.tune.timeout, catch=(Exception,))
 
 
@@ -271,7 +266,7 @@ def run_workers(params: Params, category: str, n_trials: int, workers: int, pare
         study.enqueue_trial(current_values(params), user_attrs={"baseline": True})
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     common = (params.model_dump(mode="json"), category)
-    rest = (parent_id, str(Path.cwd()))
+    rest = (parent_id, str(params.root))
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=optimize_worker, args=(*common, n, *rest)) for n in shares if n]
     for process in processes:
@@ -298,11 +293,16 @@ def summarise_study(params: Params, category: str, parent_id: str) -> dict[str, 
     study = load_study(params, category)
     best = best_values(study)
     override_params(params, best)  # the best params are valid against the schema
-    write_text_atomically(paths.best_params_file(category), yaml.safe_dump(nest_dotted(best), sort_keys=True))
+    write_text_atomically(paths.best_params_file(params, category), yaml.safe_dump(nest_dotted(best), sort_keys=True))
     trials = study.trials_dataframe()
-    write_text_atomically(paths.tuning_dir(category) / "trials.csv", trials.to_csv(index=False))
+    write_text_atomically(paths.tuning_dir(params, category) / "trials.csv", trials.to_csv(index=False))
     tracking.log_study_summary(
-        parent_id, best, study.best_value, paths.best_params_file(category), importances(study), history_figure(study)
+        parent_id,
+        best,
+        study.best_value,
+        paths.best_params_file(params, category),
+        importances(study),
+        history_figure(study),
     )
     states = trials["state"].value_counts().to_dict() if not trials.empty else {}
     baseline = next((t.value for t in study.trials if t.user_attrs.get("baseline")), None)
@@ -313,7 +313,7 @@ def summarise_study(params: Params, category: str, parent_id: str) -> dict[str, 
         "baseline_value": baseline,
         "best_value": study.best_value,
         "best_params": best,
-        "best_params_file": str(paths.best_params_file(category)),
+        "best_params_file": str(paths.best_params_file(params, category)),
         "dvc_exp_run": dvc_exp_command(best),
     }
 
@@ -360,7 +360,7 @@ def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
     """Write the category's best params into the params file, keeping its comments and layout."""
     from ruamel.yaml import YAML
 
-    best_file = paths.best_params_file(category)
+    best_file = paths.best_params_file(load_params(params_path), category)
     if not best_file.is_file():
         raise AdpsError(f"no {best_file}: run `adps tune --category {category}` first")
     best = yaml.safe_load(best_file.read_text())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,46 +43,37 @@ def cosine_maps(model, image):
 def run_variant(root: Path, name: str, raw: dict[str, Any], data_dir: Path) -> dict[str, dict[str, float]]:
     """Train and evaluate every category with ``raw`` params in ``root/name``; returns metrics per category."""
     folder = root / name
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    link = folder / paths.dataset_dir(params_from_dict(raw))
+    params = params_from_dict(raw, root=folder)
+    link = paths.dataset_dir(params)
+    link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(data_dir.resolve())
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
-    params = params_from_dict(raw)
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        results = {}
-        for category in params.data.categories:
-            stages.distill(params, category)
-            stages.psm(params, category)
-            stages.evaluate(params, category)
-            results[category] = json.loads(paths.metrics_file(category).read_text())
-            if name == "adps":
-                results[f"{category}/no_wmb_psm"] = student_only_metrics(params, category)
-        return results
-    finally:
-        os.chdir(cwd)
+    results = {}
+    for category in params.data.categories:
+        stages.distill(params, category)
+        stages.psm(params, category)
+        stages.evaluate(params, category)
+        results[category] = json.loads(paths.metrics_file(params, category).read_text())
+        if name == "adps":
+            results[f"{category}/no_wmb_psm"] = student_only_metrics(params, category)
+    return results
 
 
 def reuse_variant(folder: Path, params) -> dict[str, dict[str, float]]:
     """The ADPS variant from a project folder where the pipeline already ran with these params."""
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
-        results = {}
-        for category in params.data.categories:
-            results[category] = json.loads(paths.metrics_file(category).read_text())
-            results[f"{category}/no_wmb_psm"] = student_only_metrics(params, category)
-        return results
-    finally:
-        os.chdir(cwd)
+    params = params.at(folder)
+    results = {}
+    for category in params.data.categories:
+        results[category] = json.loads(paths.metrics_file(params, category).read_text())
+        results[f"{category}/no_wmb_psm"] = student_only_metrics(params, category)
+    return results
 
 
 def student_only_metrics(params, category: str) -> dict[str, float]:
     """Metrics of the stage-1 student alone (map = 1 - cos), on the test split."""
     device = setup_torch(params)
-    model, _ = load_model(paths.student_checkpoint(category))
+    model, _ = load_model(paths.student_checkpoint(params, category))
     model.to(device).set_scoring(**params.score.model_dump())
     _, _, test = category_splits(params, category)
     pred = predict_dataset(
@@ -143,7 +133,7 @@ def main() -> None:
     parser.add_argument("--variants", default="k8,symmetric,random_resnet18", help=f"of {', '.join(VARIANTS)}")
     args = parser.parse_args()
     raw = yaml.safe_load(Path(args.params).read_text())
-    params = params_from_dict(raw)
+    params = params_from_dict(raw, root=Path(args.params).resolve().parent)
     data_dir = paths.dataset_dir(params)
     root = Path(args.out)
     adps = reuse_variant(args.adps_from, params) if args.adps_from else run_variant(root, "adps", raw, data_dir)

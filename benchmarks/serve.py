@@ -122,10 +122,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
-    folder = paths.model_dir(args.category)
+    folder = paths.model_dir(params, args.category)
     files = sorted(paths.category_dir(params, args.category).glob("test/*/*.png"))
     torch_predictor = Predictor.from_dir(folder, "cpu")
-    onnx_predictor = OnnxPredictor(paths.onnx_file(args.category), torch_predictor.thresholds, args.threads)
+    onnx_predictor = OnnxPredictor(paths.onnx_file(params, args.category), torch_predictor.thresholds, args.threads)
     images = [load_rgb(f, torch_predictor.size) for f in files]
     rows = []
     for batch in BATCHES:

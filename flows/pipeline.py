@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -22,13 +23,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.runtime import task_run
 from prefect.states import Completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from adps import paths, stages
 from adps.config import DEFAULT_PARAMS_PATH, Params, load_params
 from adps.errors import AdpsError, ValidationFailed
 from adps.files import exclusive_lock
 from flows import versioning
+from flows.cluster import category_runner
 
 TRANSIENT_RETRIES = 2  # for I/O with servers (MLflow, DVC remote); training never retries
 UNCHANGED = "Unchanged"  # state name of a stage DVC reports up to date
@@ -37,17 +38,19 @@ UNCHANGED = "Unchanged"  # state name of a stage DVC reports up to date
 def stage_task(stage: Callable[..., dict[str, Any]], retries: int = 0):
     """A Prefect task running one ``adps.stages`` function, unless DVC says the stage is up to date.
 
-    Its runs are named like the dvc.yaml stage (``prepare``, ``distill@fabric``).
+    Its runs are named like the dvc.yaml stage (``prepare``, ``distill@fabric``). ``params_path`` is
+    absolute: the task may run in another process or on another host (a Dask worker).
     """
 
     def run(params_path: str, category: str | None = None, force: bool = False) -> Any:
+        params = load_params(params_path)
         target = versioning.stage_name(stage.__name__, category)
         if not force:
-            reason = versioning.why_stale(target)
+            reason = versioning.why_stale(params, target)
             if reason is None:
                 return Completed(name=UNCHANGED, message=f"{target} is up to date (dvc status): skipped")
             get_run_logger().info("%s is stale: %s", target, reason)
-        return stage(load_params(params_path), *([category] if category else []))
+        return stage(params, *([category] if category else []))
 
     def run_name() -> str:
         return versioning.stage_name(stage.__name__, task_run.parameters.get("category"))
@@ -81,18 +84,9 @@ CHAIN_TASKS = {  # one category's stages, in order
 
 
 @task(name="dvc-commit", cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=5)
-def dvc_commit_task(targets: list[str]) -> str:
+def dvc_commit_task(params_path: str, targets: list[str]) -> str:
     """Record the outputs of the stages this run executed in dvc.lock (and nothing else)."""
-    return versioning.commit(targets)
-
-
-def task_runner(params: Params):
-    """Threads on one machine (default), or a Dask cluster at ``runtime.dask_address``."""
-    if params.runtime.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=params.runtime.dask_address)
-    return ThreadPoolTaskRunner(max_workers=params.runtime.max_workers)
+    return versioning.commit(load_params(params_path), targets)
 
 
 def failures_markdown(category: str, failures: list[dict[str, str]]) -> str:
@@ -126,7 +120,7 @@ def chain_status(chain: dict[str, Any]) -> str:
     return "retrained" if executed & {"distill", "psm"} else "updated" if executed else "unchanged"
 
 
-def category_row(category: str, chain: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+def category_row(params: Params, category: str, chain: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """One row of the run's table: what happened to the category, its test metrics and registry version."""
     status = chain_status(chain)
     row: dict[str, Any] = {
@@ -143,7 +137,7 @@ def category_row(category: str, chain: dict[str, Any], metrics: dict[str, Any]) 
             description=f"Files that held back {category}",
         )
     row.update({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-    record = paths.registry_record(category)
+    record = paths.registry_record(params, category)
     if record.is_file():
         registered = json.loads(record.read_text())
         row.update(version=registered["version"], aliases=",".join(registered["aliases"]))
@@ -158,20 +152,23 @@ def executed_targets(category: str, chain: dict[str, Any]) -> list[str]:
 def train_categories(params_path: str, categories: list[str], force: bool = False) -> dict[str, dict[str, Any]]:
     """Every category's chain, in parallel on this flow's task runner.
 
+    Tasks are submitted stage by stage across the categories (every validate, then every distill...):
+    a runner slot taken by a task that waits for its upstream then never blocks another category's
+    ready task behind it (with threads, a waiting task holds its thread).
+
     Returns, per category, its table row and the dvc.yaml stages it executed.
     """
-    chains: dict[str, dict[str, Any]] = {}
-    for category in categories:
-        previous: list[Any] = []
-        chains[category] = {}
-        for name, stage in CHAIN_TASKS.items():
-            future = stage.submit(params_path, category, force=force, wait_for=previous)
-            chains[category][name], previous = future, [future]
+    chains: dict[str, dict[str, Any]] = {category: {} for category in categories}
+    for name, stage in CHAIN_TASKS.items():
+        for category, chain in chains.items():
+            upstream = list(chain.values())[-1:]
+            chain[name] = stage.submit(params_path, category, force=force, wait_for=upstream)
     wait([f for chain in chains.values() for f in chain.values()])
-    metrics = stages.summarize(load_params(params_path))
+    params = load_params(params_path)
+    metrics = stages.summarize(params)
     return {
         category: {
-            "row": category_row(category, chain, metrics.get(category, {})),
+            "row": category_row(params, category, chain, metrics.get(category, {})),
             "ran": executed_targets(category, chain),
         }
         for category, chain in chains.items()
@@ -183,29 +180,29 @@ def adps_pipeline(params_path: str = str(DEFAULT_PARAMS_PATH), force: bool = Fal
     """Import new data, then validate, train, evaluate and register what changed; commit it to DVC.
 
     Args:
-        params_path: the params file (the project root is the working directory).
+        params_path: the params file; its folder is the project root (outputs, DVC, locks).
         force: run every stage, even those DVC reports up to date.
     """
-    busy = "another adps-pipeline run is working on this project; this one starts nothing"
-    with exclusive_lock(paths.pipeline_lock(), busy):
-        return run_pipeline(params_path, force)
-
-
-def run_pipeline(params_path: str, force: bool) -> list[dict[str, Any]]:
-    """The body of :func:`adps_pipeline`, run while it holds the project's pipeline lock."""
+    params_path = str(Path(params_path).resolve())
     params = load_params(params_path)
+    busy = "another adps-pipeline run is working on this project; this one starts nothing"
+    with exclusive_lock(paths.pipeline_lock(params), busy):
+        return run_pipeline(params, params_path, force)
+
+
+def run_pipeline(params: Params, params_path: str, force: bool) -> list[dict[str, Any]]:
+    """The body of :func:`adps_pipeline`, run while it holds the project's pipeline lock."""
     logger = get_run_logger()
     prepared = prepare_task(params_path, force=force, return_state=True)
     prepared.result()  # a failed import stops the run before any category
-    results = train_categories.with_options(task_runner=task_runner(params))(
-        params_path, list(params.data.categories), force
-    )
+    with category_runner(params) as runner:
+        results = train_categories.with_options(task_runner=runner)(params_path, list(params.data.categories), force)
     rows = [result["row"] for result in results.values()]
     create_table_artifact(
         key="adps-metrics", table=rows, description="What happened to each category, its test metrics and model version"
     )
     executed = ["prepare"] * (prepared.name != UNCHANGED) + [t for result in results.values() for t in result["ran"]]
-    dvc_commit_task(executed)
+    dvc_commit_task(params_path, executed)
     problems = [r for r in rows if r["status"] in ("held back",) or r["status"].startswith("failed")]
     if problems:
         raise AdpsError("; ".join(problem_text(r) for r in problems))

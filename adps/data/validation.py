@@ -101,9 +101,16 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-def build_metadata_table(samples: Iterable[Sample], progress: bool = False) -> pd.DataFrame:
-    """One row per image: where it sits, what it is, and what can be read off its files."""
+def build_metadata_table(samples: Iterable[Sample], root: Path | None = None, progress: bool = False) -> pd.DataFrame:
+    """One row per image: where it sits, what it is, and what can be read off its files.
+
+    Paths are recorded relative to ``root`` (the project root) when inside it, so the table of the
+    same images is the same wherever the project lives.
+    """
     from tqdm import tqdm
+
+    def recorded(path: Path) -> str:
+        return str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
 
     rows = []
     for s in tqdm(list(samples), desc="reading images", unit="img", disable=not progress):
@@ -115,8 +122,8 @@ def build_metadata_table(samples: Iterable[Sample], progress: bool = False) -> p
                 "split": s.split,
                 "label": s.label,
                 "defect_type": s.defect_type,
-                "path": str(s.image_path),
-                "mask_path": str(s.mask_path) if s.mask_path else "",
+                "path": recorded(s.image_path),
+                "mask_path": recorded(s.mask_path) if s.mask_path else "",
                 **image,
                 "is_defect": s.label == 1,
                 "has_mask": s.mask_path is not None,
@@ -313,10 +320,14 @@ def validate_dataset(
     categories: Iterable[str],
     cfg: ValidationParams,
     docs_dir: Path,
+    root: Path | None = None,
     progress: bool = False,
 ) -> ValidationReport:
-    """Build the metadata tables, run the GX suites and collect every failing file with its reason."""
-    metadata = build_metadata_table(samples, progress=progress)
+    """Build the metadata tables, run the GX suites and collect every failing file with its reason.
+
+    Files are named relative to ``root`` (the project root) in the tables and failures.
+    """
+    metadata = build_metadata_table(samples, root, progress=progress)
     counts = build_counts_table(metadata, categories)
     if metadata.empty:
         metadata = pd.DataFrame([{"path": "<no images>", "decodes": False, "decode_error": "dataset is empty"}])

@@ -41,7 +41,7 @@ def test_onnx_maps_and_scores_match_pytorch_on_test_images(exported):
     np.testing.assert_allclose(onnx_scores, torch_scores, atol=MAP_TOLERANCE)
     assert (rankdata(onnx_scores) == rankdata(torch_scores)).all()
     assert [r.is_anomalous for r in onnx_results] == [r.is_anomalous for r in torch_results]
-    assert result["onnx"] == str(paths.model_dir("washer") / "model.onnx")
+    assert result["onnx"] == str(paths.model_dir(tiny_params().at(root), "washer") / "model.onnx")
 
 
 def test_onnx_file_documents_inputs_outputs_and_preprocessing(exported):

@@ -28,19 +28,17 @@ MARGIN = 0.08  # pixel AP above the naive baseline (measured: 0.23 vs 0.11)
 def short_run(tmp_path_factory: pytest.TempPathFactory):
     """fabric at 128 px, 48 normal training images, 5 + 30 epochs with the pretrained Lite0 teacher."""
     root = tmp_path_factory.mktemp("learn")
-    params = tiny_params(**SHORT)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        generate_category("fabric", params.synthetic, params.runtime.seed, paths.category_dir(params, "fabric"))
-        for stage in (stages.distill, stages.psm, stages.evaluate):
-            stage(params, "fabric")
-        samples = build_sample_index(paths.category_dir(params, "fabric"), "fabric")
-        yield {
-            "metrics": json.loads(paths.metrics_file("fabric").read_text()),
-            "naive": naive_baseline_scores(samples, params.data.image_size),
-            "student": read_checkpoint(paths.student_checkpoint("fabric")),
-            "psm": read_checkpoint(paths.psm_checkpoint("fabric")),
-        }
+    params = tiny_params(**SHORT).at(root)  # no chdir: every path follows the params' project root
+    generate_category("fabric", params.synthetic, params.runtime.seed, paths.category_dir(params, "fabric"))
+    for stage in (stages.distill, stages.psm, stages.evaluate):
+        stage(params, "fabric")
+    samples = build_sample_index(paths.category_dir(params, "fabric"), "fabric")
+    yield {
+        "metrics": json.loads(paths.metrics_file(params, "fabric").read_text()),
+        "naive": naive_baseline_scores(samples, params.data.image_size),
+        "student": read_checkpoint(paths.student_checkpoint(params, "fabric")),
+        "psm": read_checkpoint(paths.psm_checkpoint(params, "fabric")),
+    }
 
 
 def test_short_training_beats_the_naive_baseline_by_a_margin(short_run):

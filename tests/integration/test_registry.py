@@ -19,6 +19,11 @@ from adps.inference import Predictor
 from tests.conftest import project_env, run, tiny_params
 
 
+def evaluation_files() -> tuple:
+    """washer's thresholds and metrics in the trained project (the cwd)."""
+    return paths.thresholds_file(tiny_params(), "washer"), paths.metrics_file(tiny_params(), "washer")
+
+
 @pytest.fixture
 def store(trained_project, tmp_path, monkeypatch):
     """A fresh MLflow sqlite store per test, the trained project as cwd."""
@@ -39,7 +44,7 @@ def test_register_logs_run_and_registers_challenger_and_first_champion(store):
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in store.list_artifacts(record["run_id"])}
     assert {"heatmaps", "plots", "washer.json", "distill.json", "psm.json"} <= artifacts
-    assert json.loads(paths.registry_record("washer").read_text())["version"] == "1"
+    assert json.loads(paths.registry_record(tiny_params(), "washer").read_text())["version"] == "1"
 
 
 def test_registering_the_same_model_again_creates_no_version(store):
@@ -54,7 +59,7 @@ def test_pyfunc_loaded_by_alias_predicts_the_checkpoint_scores(store):
     predictor = tracking.load_registered_predictor("models:/adps-washer@champion")
     images = sorted(paths.category_dir(tiny_params(), "washer").glob("test/*/000.png"))
     registered = [r.score for r in predictor.predict_paths(images)]
-    local = [r.score for r in Predictor.from_dir(paths.model_dir("washer")).predict_paths(images)]
+    local = [r.score for r in Predictor.from_dir(paths.model_dir(tiny_params(), "washer")).predict_paths(images)]
     np.testing.assert_allclose(registered, local, rtol=1e-6)
     import mlflow.pyfunc
     import pandas as pd
@@ -64,7 +69,7 @@ def test_pyfunc_loaded_by_alias_predicts_the_checkpoint_scores(store):
     frame = model.predict(pd.DataFrame({"image": [*encoded, "bm90IGFuIGltYWdl"]}), params={"return_map": True})
     np.testing.assert_allclose(frame["score"][:-1], local, rtol=1e-6)
     assert frame["error"][: len(images)].eq("").all() and "cannot read image row" in frame["error"].iloc[-1]
-    pixel = json.loads(paths.thresholds_file("washer").read_text())["pixel"]
+    pixel = json.loads(paths.thresholds_file(tiny_params(), "washer").read_text())["pixel"]
     for row, path in zip(frame.itertuples(), images, strict=False):
         regions = json.loads(row.regions)
         anomaly_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(row.map_png)))) / 65535
@@ -96,16 +101,19 @@ def test_served_model_opens_no_path_unless_allowed(store, monkeypatch, tmp_path)
 
 def change_model(metric_value: float) -> None:
     """A 'retrained' model: other thresholds (new hash) and a given pixel AP."""
-    thresholds = json.loads(paths.thresholds_file("washer").read_text())
+    thresholds = json.loads(paths.thresholds_file(tiny_params(), "washer").read_text())
     thresholds["image"] += 0.001
-    paths.thresholds_file("washer").write_text(json.dumps(thresholds))
-    metrics = json.loads(paths.metrics_file("washer").read_text())
+    paths.thresholds_file(tiny_params(), "washer").write_text(json.dumps(thresholds))
+    metrics = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())
     metrics["pixel_ap"] = metric_value
-    paths.metrics_file("washer").write_text(json.dumps(metrics))
+    paths.metrics_file(tiny_params(), "washer").write_text(json.dumps(metrics))
 
 
 def test_auto_promotion_and_manual_promote(store):
-    saved = {p: p.read_bytes() for p in (paths.thresholds_file("washer"), paths.metrics_file("washer"))}
+    saved = {
+        p: p.read_bytes()
+        for p in (paths.thresholds_file(tiny_params(), "washer"), paths.metrics_file(tiny_params(), "washer"))
+    }
     try:
         params = tiny_params(registry={"auto_promote": True, "promote_metric": "pixel_ap", "min_delta": 0.01})
         change_model(0.10)
@@ -131,7 +139,10 @@ def test_unreachable_server_is_a_clear_error_and_keeps_local_outputs(trained_pro
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    before = {p: p.read_bytes() for p in (paths.psm_checkpoint("washer"), paths.metrics_file("washer"))}
+    before = {
+        p: p.read_bytes()
+        for p in (paths.psm_checkpoint(tiny_params(), "washer"), paths.metrics_file(tiny_params(), "washer"))
+    }
     with pytest.raises(tracking.TrackingUnavailable, match=r"unreachable.*make up"):
         stages.register(tiny_params(), "washer")
     assert {p: p.read_bytes() for p in before} == before
@@ -150,19 +161,22 @@ def test_git_dirty_counts_source_and_params_not_pipeline_outputs(tmp_path, monke
         (tmp_path / output).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / output).write_text("written by the pipeline")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
-    assert tracking.git_tags()["git_dirty"] == "false"
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "false"
     (tmp_path / "params.yaml").write_text("runtime: {seed: 2}\n")
-    assert tracking.git_tags()["git_dirty"] == "true"
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "true"
     run(["git", "checkout", "params.yaml"], tmp_path, env)
     (tmp_path / "adps" / "new_module.py").write_text("y = 2\n")  # untracked source counts too
-    assert tracking.git_tags()["git_dirty"] == "true"
+    assert tracking.git_tags(tmp_path)["git_dirty"] == "true"
 
 
 def test_version_page_compares_with_the_champion_and_a_manual_champion_stays(store):
-    saved = {p: p.read_bytes() for p in (paths.thresholds_file("washer"), paths.metrics_file("washer"))}
+    saved = {
+        p: p.read_bytes()
+        for p in (paths.thresholds_file(tiny_params(), "washer"), paths.metrics_file(tiny_params(), "washer"))
+    }
     try:
         first = stages.register(tiny_params(), "washer")
-        before = json.loads(paths.metrics_file("washer").read_text())["pixel_ap"]
+        before = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())["pixel_ap"]
         change_model(before + 0.25)  # clearly better, but auto_promote is off
         second = stages.register(tiny_params(), "washer")
     finally:

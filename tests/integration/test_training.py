@@ -28,34 +28,34 @@ def test_stages_write_their_outputs(trained, monkeypatch):
     root, results = trained
     monkeypatch.chdir(root)
     for path in (
-        paths.student_checkpoint("washer"),
-        paths.psm_checkpoint("washer"),
-        paths.thresholds_file("washer"),
-        paths.metrics_file("washer"),
-        paths.train_history("washer", "distill"),
-        paths.train_history("washer", "psm"),
-        paths.plots_dir("washer") / "pixel_roc.json",
+        paths.student_checkpoint(tiny_params(), "washer"),
+        paths.psm_checkpoint(tiny_params(), "washer"),
+        paths.thresholds_file(tiny_params(), "washer"),
+        paths.metrics_file(tiny_params(), "washer"),
+        paths.train_history(tiny_params(), "washer", "distill"),
+        paths.train_history(tiny_params(), "washer", "psm"),
+        paths.plots_dir(tiny_params(), "washer") / "pixel_roc.json",
     ):
         assert path.is_file(), path
-    assert not paths.resume_checkpoint(paths.student_checkpoint("washer")).exists()
-    history = json.loads(paths.train_history("washer", "distill").read_text())
+    assert not paths.resume_checkpoint(paths.student_checkpoint(tiny_params(), "washer")).exists()
+    history = json.loads(paths.train_history(tiny_params(), "washer", "distill").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and {"loss_distill", "lr", "seconds"} <= set(history[0])
-    metrics = json.loads(paths.metrics_file("washer").read_text())
+    metrics = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())
     for key in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "image_threshold"):
         assert key in metrics
     assert metrics["teacher_weights"].startswith("none")
-    assert len(list(paths.heatmaps_dir("washer").glob("*.png"))) == 4
+    assert len(list(paths.heatmaps_dir(tiny_params(), "washer").glob("*.png"))) == 4
     assert results["evaluate"]["pixel_ap"] == metrics["pixel_ap"]
 
 
 def test_checkpoint_alone_rebuilds_the_model(trained, monkeypatch):
     root, _ = trained
     monkeypatch.chdir(root)
-    payload = read_checkpoint(paths.psm_checkpoint("washer"))  # weights_only=True inside
+    payload = read_checkpoint(paths.psm_checkpoint(tiny_params(), "washer"))  # weights_only=True inside
     assert payload["spec"]["image_size"] == 64 and payload["versions"]["torch"] == str(torch.__version__)
     assert payload["teacher_weights"].startswith("none")
-    model, _ = load_model(paths.psm_checkpoint("washer"))
-    again, _ = load_model(paths.psm_checkpoint("washer"))
+    model, _ = load_model(paths.psm_checkpoint(tiny_params(), "washer"))
+    again, _ = load_model(paths.psm_checkpoint(tiny_params(), "washer"))
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model(x).anomaly_map, again(x).anomaly_map)
 
@@ -70,37 +70,37 @@ def test_predictor_scores_match_evaluation(trained, monkeypatch):
 
     root, _ = trained
     monkeypatch.chdir(root)
-    predictor = Predictor.from_dir(paths.model_dir("washer"))
-    model, _ = load_model(paths.psm_checkpoint("washer"))  # a second, independent copy of the weights
-    model.set_scoring(**json.loads(paths.thresholds_file("washer").read_text())["score"])
+    predictor = Predictor.from_dir(paths.model_dir(tiny_params(), "washer"))
+    model, _ = load_model(paths.psm_checkpoint(tiny_params(), "washer"))  # a second, independent copy of the weights
+    model.set_scoring(**json.loads(paths.thresholds_file(tiny_params(), "washer").read_text())["score"])
     _, _, test = category_splits(tiny_params(), "washer")
     expected = predict_dataset(model, LabelledDataset(test, tiny_params()), 8, torch.device("cpu"))
     got = predictor.predict_paths([s.image_path for s in test])
     np.testing.assert_allclose([r.score for r in got], expected.scores, rtol=1e-5, atol=1e-6)
-    metrics = json.loads(paths.metrics_file("washer").read_text())
+    metrics = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())
     assert roc_auc_score(expected.labels, [r.score for r in got]) == pytest.approx(metrics["image_auroc"], abs=1e-9)
 
 
 def test_psm_refuses_a_student_trained_with_other_model_params(trained, monkeypatch):
     root, _ = trained
     monkeypatch.chdir(root)
-    before = paths.psm_checkpoint("washer").read_bytes()
+    before = paths.psm_checkpoint(tiny_params(), "washer").read_bytes()
     with pytest.raises(CheckpointError, match=r"rerun `adps distill --category washer`"):
         stages.psm(tiny_params(model={"teacher_weights": "none", "patches": 2}), "washer")
-    assert paths.psm_checkpoint("washer").read_bytes() == before
+    assert paths.psm_checkpoint(tiny_params(), "washer").read_bytes() == before
 
 
 def test_missing_checkpoint_and_unknown_category_are_clear_errors(project):
-    with pytest.raises(CheckpointError, match=r"checkpoint not found: models/fabric/psm.pt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: \S*/models/fabric/psm.pt"):
         stages.evaluate(tiny_params(), "fabric")
     with pytest.raises(AdpsError, match=r"unknown category 'bottle'; data.categories has: fabric, washer"):
         stages.distill(tiny_params(), "bottle")
 
 
 def test_corrupt_checkpoint_is_a_clear_error(project):
-    paths.psm_checkpoint("fabric").parent.mkdir(parents=True)
-    paths.psm_checkpoint("fabric").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match=r"cannot read checkpoint models/fabric/psm.pt"):
+    paths.psm_checkpoint(tiny_params(), "fabric").parent.mkdir(parents=True)
+    paths.psm_checkpoint(tiny_params(), "fabric").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint \S*/models/fabric/psm.pt"):
         stages.evaluate(tiny_params(), "fabric")
 
 
@@ -111,7 +111,7 @@ def test_symmetric_and_joint_variants_train(project):
     )
     stages.distill(params, "fabric")
     result = stages.psm(params, "fabric")
-    history = json.loads(paths.train_history("fabric", "psm").read_text())
+    history = json.loads(paths.train_history(tiny_params(), "fabric", "psm").read_text())
     assert {"loss_distill", "loss_seg"} <= set(history[0]) and result["epochs"] == 1
 
 

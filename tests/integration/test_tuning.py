@@ -64,7 +64,7 @@ def test_three_trial_study_then_resume(tuning_project, tmp_path):
     study = load_study(params, "washer")
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)  # test files never read
-    best = yaml.safe_load(paths.best_params_file("washer").read_text())
+    best = yaml.safe_load(paths.best_params_file(tiny_params(), "washer").read_text())
     assert set(result["best_params"]) == set(SPACE)
     override_params(tiny_params(), result["best_params"])  # valid against the params schema
     assert best["loss"]["push_weight"] == result["best_params"]["loss.push_weight"]
@@ -117,8 +117,8 @@ def test_apply_writes_best_params_and_keeps_comments(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params_path = tmp_path / "params.yaml"
     params_path.write_text((REPO_ROOT / "params.yaml").read_text())
-    paths.best_params_file("fabric").parent.mkdir(parents=True)
-    paths.best_params_file("fabric").write_text("loss:\n  push_weight: 0.42\nscore:\n  method: topk\n")
+    paths.best_params_file(tiny_params(), "fabric").parent.mkdir(parents=True)
+    paths.best_params_file(tiny_params(), "fabric").write_text("loss:\n  push_weight: 0.42\nscore:\n  method: topk\n")
     result = apply_best_params(params_path, "fabric")
     text = params_path.read_text()
     assert result["applied"] == {"loss.push_weight": 0.42, "score.method": "topk"}
