@@ -205,8 +205,10 @@ def failures_csv(failures: list[dict[str, str]]) -> str:
 
 def phase_fingerprint(params: Params, category: str, phase: str, train_samples: list) -> str:
     """Hash of what a phase's result depends on: params sections, category, training files."""
-    sections = ["runtime", "data", "synthesis", "model", "loss"] + (["train"] if phase == "psm" else [])
+    sections = ["data", "synthesis", "model", "loss"] + (["train"] if phase == "psm" else [])
     payload = {name: getattr(params, name).model_dump(mode="json") for name in sections}
+    # what changes the numbers (as dvc.yaml lists them), not where or how the stage is orchestrated
+    payload["runtime"] = params.runtime.model_dump(mode="json", include={"seed", "threads", "device"})
     payload.update(
         phase=phase,
         category=category,

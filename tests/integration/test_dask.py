@@ -1,0 +1,78 @@
+"""The flow on a real Dask cluster: two worker processes started here, two categories, run from another folder.
+
+Its outputs must equal a ``dvc repro`` of the same params in another project, and leave ``dvc status``
+clean: the stages write where their params' project root says, whatever process or folder runs them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from distributed import Client, LocalCluster
+from prefect.testing.utilities import prefect_test_harness
+
+from adps.config import load_params
+from adps.errors import AdpsError
+from flows.cluster import check_workers_see_project
+from flows.pipeline import adps_pipeline
+from tests.conftest import make_dvc_project, output_digests, project_env, run
+
+CATEGORIES = ["fabric", "washer"]
+# Dask workers run torch with one thread (the nanny sets OMP_NUM_THREADS=1): the same count for dvc repro,
+# so both front-ends sum floats in the same order and give the same bits.
+PARAMS = {"data": {"categories": CATEGORIES, "image_size": 64}, "runtime": {"threads": 1}}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def dask_project(tmp_path_factory, cluster):
+    """A project whose flow ran on the two-process cluster, started from an unrelated working directory."""
+    root = tmp_path_factory.mktemp("daskproj")
+    env = project_env(root)
+    runtime = {**PARAMS["runtime"], "task_runner": "dask", "dask_address": cluster.scheduler_address}
+    make_dvc_project(root, env, **{**PARAMS, "runtime": runtime})
+    params_file = root / "params.yaml"
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    with prefect_test_harness(server_startup_timeout=120), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(elsewhere)
+        mp.setenv("PATH", env["PATH"])
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        rows = adps_pipeline(params_path=str(params_file))
+    assert not any(elsewhere.iterdir()), "the flow wrote into the working directory"
+    return root, env, rows
+
+
+def test_flow_on_two_dask_worker_processes_equals_dvc_repro(dask_project, tmp_path):
+    root, env, rows = dask_project
+    assert {r["category"]: r["status"] for r in rows} == dict.fromkeys(CATEGORIES, "retrained")
+    other = tmp_path / "repro"
+    other.mkdir()
+    other_env = project_env(other)
+    make_dvc_project(other, other_env, **PARAMS)
+    run(["dvc", "repro"], other, other_env)
+    for category in CATEGORIES:
+        assert output_digests(root, category) == output_digests(other, category), category
+        metrics = json.loads((root / f"reports/metrics/{category}.json").read_text())
+        assert metrics == json.loads((other / f"reports/metrics/{category}.json").read_text())
+    assert "up to date" in run(["dvc", "status"], root, env)
+
+
+def test_the_stages_ran_in_the_worker_processes(dask_project, cluster):
+    """The workers, not the flow's process, imported the training code."""
+    with Client(cluster) as client:
+        loaded = client.run(lambda: "adps.stages" in __import__("sys").modules)
+    assert len(loaded) == 2 and any(loaded.values())
+
+
+def test_a_cluster_without_workers_is_refused_before_anything_runs(dask_project):
+    root, _, _ = dask_project
+    with LocalCluster(n_workers=0, dashboard_address=":0") as empty, pytest.raises(AdpsError, match="has no workers"):
+        check_workers_see_project(empty.scheduler_address, load_params(root / "params.yaml"))
