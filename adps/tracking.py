@@ -25,7 +25,7 @@ from typing import Any
 from adps import paths
 from adps.config import METRIC_NAMES, Params, flatten_params
 from adps.errors import AdpsError
-from adps.files import file_sha256, write_json_atomically
+from adps.files import file_sha256, waiting_lock, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ def connect(params: Params):
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(uri)
+    with waiting_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):  # the first client creates the tables:
+        return mlflow.MlflowClient(uri)  # one process at a time (e.g. tuning started on two hosts at once)
 
 
 def use_experiment(params: Params) -> None:

@@ -15,15 +15,19 @@ import logging
 import math
 import multiprocessing
 import os
+import random
+import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 import yaml
 
 from adps import paths, stages, tracking
@@ -47,6 +51,9 @@ from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
 from adps.training.checkpoints import load_model
 
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's parent MLflow run
+SCHEMA_ATTEMPTS = 5
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,16 +62,39 @@ def study_name(params: Params, category: str) -> str:
 
 
 def storage_url(params: Params) -> str:
-    """``tune.storage`` with a relative sqlite path made absolute (workers and temp dirs share it)."""
-    return paths.absolute_sqlite_url(params.tune.storage, params.root)
+    """``tune.storage`` as SQLAlchemy takes it: relative sqlite paths made absolute (workers and temp dirs
+    share it), and ``postgresql://`` given the installed psycopg 3 driver (SQLAlchemy's default is psycopg2)."""
+    url = paths.absolute_sqlite_url(params.tune.storage, params.root)
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
+
+
+def rdb_storage(params: Params, category: str) -> optuna.storages.RDBStorage:
+    """The study database, with heartbeats: a trial whose process was killed is marked FAIL (and its MLflow
+    run FAILED) by the next worker of the study once its heartbeat is ``2 x tune.heartbeat_seconds`` old.
+
+    Processes (or hosts) opening a fresh database at the same moment race to create its tables; the
+    loser retries.
+    """
+    name, beat = study_name(params, category), params.tune.heartbeat_seconds
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                storage_url(params),
+                heartbeat_interval=beat,
+                grace_period=2 * beat,
+                heartbeat_stale_trial_callback=lambda _study, trial: tracking.fail_trial_run(name, trial.number),
+            )
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if attempt == SCHEMA_ATTEMPTS - 1:
+                raise AdpsError(
+                    f"cannot open the Optuna storage {params.tune.storage} ({err}); check tune.storage"
+                ) from err
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
 
 
 def load_study(params: Params, category: str) -> optuna.Study:
-    """Create the category's study, or load it when it exists (a rerun continues it).
-
-    Running trials send heartbeats; a trial whose process was killed is marked FAIL (and its MLflow
-    run FAILED) by the next worker of the study once its heartbeat is ``2 x tune.heartbeat_seconds`` old.
-    """
+    """Create the category's study, or load it when it exists (a rerun continues it)."""
     cfg = params.tune
     sampler = (
         optuna.samplers.TPESampler(seed=cfg.sampler_seed)
@@ -76,21 +106,52 @@ def load_study(params: Params, category: str) -> optuna.Study:
         if cfg.pruner == "median"
         else optuna.pruners.NopPruner()
     )
-    name = study_name(params, category)
-    storage = optuna.storages.RDBStorage(
-        storage_url(params),
-        heartbeat_interval=cfg.heartbeat_seconds,
-        grace_period=2 * cfg.heartbeat_seconds,
-        heartbeat_stale_trial_callback=lambda _study, trial: tracking.fail_trial_run(name, trial.number),
-    )
     return optuna.create_study(
-        storage=storage,
-        study_name=name,
+        storage=rdb_storage(params, category),
+        study_name=study_name(params, category),
         direction="maximize",
         sampler=sampler,
         pruner=pruner,
         load_if_exists=True,
     )
+
+
+def start_study(params: Params, category: str) -> str:
+    """Create the category's study or join it (another host may be starting it this moment); its parent run id.
+
+    Exactly one process creates a study: it enqueues the baseline trial (the params file's values) and
+    creates the study's parent MLflow run, whose id it stores on the study. Every other process joins
+    and reads that id: however many hosts start at once, one baseline trial and one parent run.
+    """
+    name = study_name(params, category)
+    tracking.use_experiment(params)
+    try:
+        study = optuna.create_study(storage=rdb_storage(params, category), study_name=name, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        return joined_parent_run(params, category)
+    study.enqueue_trial(current_values(params), user_attrs={"baseline": True})
+    parent = tracking.study_parent_run(params, name, category)
+    study.set_user_attr(PARENT_RUN_ATTR, parent)
+    return parent
+
+
+def joined_parent_run(params: Params, category: str, wait_seconds: float = 120) -> str:
+    """The parent run of a study another process created (waiting while its creator sets it up)."""
+    study = load_study(params, category)
+    deadline = time.monotonic() + wait_seconds
+    while (parent := study.user_attrs.get(PARENT_RUN_ATTR)) is None:
+        if study.trials:  # a study started before parent runs were stored on it: find (or make) its run
+            parent = tracking.study_parent_run(params, study.study_name, category)
+            study.set_user_attr(PARENT_RUN_ATTR, parent)
+        elif time.monotonic() > deadline:
+            raise AdpsError(
+                f"study {study.study_name} in {params.tune.storage} exists but its creator never finished starting "
+                f"it (no parent run after {wait_seconds:.0f} s): rerun, or delete the empty study with "
+                f"`optuna delete-study --study-name {study.study_name} --storage <url>`"
+            )
+        else:
+            time.sleep(0.5)
+    return parent
 
 
 def suggest(trial: optuna.Trial, params: Params) -> dict[str, Any]:
@@ -261,9 +322,6 @@ def current_values(params: Params) -> dict[str, Any]:
 
 def run_workers(params: Params, category: str, n_trials: int, workers: int, parent_id: str) -> None:
     """Share ``n_trials`` among ``workers`` processes on the shared study and wait for them."""
-    study = load_study(params, category)  # create it once, before the workers race to
-    if not study.trials:  # the first trial of a new study measures the current params
-        study.enqueue_trial(current_values(params), user_attrs={"baseline": True})
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     common = (params.model_dump(mode="json"), category)
     rest = (parent_id, str(params.root))
@@ -350,8 +408,8 @@ def tune(params: Params, category: str, n_trials: int | None = None, workers: in
         raise AdpsError("tune.space is empty: name the parameters to tune in params.yaml (see its tune.space)")
     tracking.connect(params)
     remove_dead_trial_folders()
+    parent_id = start_study(params, category)
     optuna.storages.fail_stale_trials(load_study(params, category))  # trials of killed workers -> FAIL
-    parent_id = tracking.study_parent_run(params, study_name(params, category), category)
     run_workers(params, category, n_trials, workers, parent_id)
     return summarise_study(params, category, parent_id)
 
