@@ -17,14 +17,9 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import make_dvc_project, project_env, run, write_params
+from tests.servers import free_port, mlflow_server, start
 
 pytestmark = pytest.mark.slow
-
-
-def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A command in its own process group (so kill -9 reaches its workers too)."""
-    handle = log.open("w")
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_when(process: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
@@ -150,45 +145,6 @@ def test_killed_tune_is_continued_and_its_dead_trial_marked_failed(tmp_path):
     leftovers = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob(f"adps-trial-{killed.pid}*")]
     assert leftovers == []
     assert yaml.safe_load((root / "reports/tuning/washer/best_params.yaml").read_text())
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mlflow_server(folder: Path, port: int, log: Path) -> subprocess.Popen:
-    """A real tracking server with proxied artifacts; returns when it answers."""
-    import urllib.request
-
-    server = start(
-        [
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        folder,
-        project_env(folder),
-        log,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return server
-        except OSError:
-            assert time.monotonic() < deadline and server.poll() is None, log.read_text()
-            time.sleep(0.5)
 
 
 def test_mlflow_server_killed_during_register_then_rerun_registers_once(trained_project, tmp_path):
