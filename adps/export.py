@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,9 +57,6 @@ def onnx_metadata(predictor: Predictor, folder: Path) -> dict[str, str]:
     }
 
 
-ONNX_EXPORTS = threading.Lock()  # torch.onnx.export keeps global state: one export per process at a time
-
-
 def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
     """Export the model folder (psm.pt + thresholds.json) to ``target`` with a dynamic batch."""
     import onnx
@@ -71,7 +67,7 @@ def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
     buffer = io.BytesIO()
     # The TorchScript exporter: 0.7 s here against 14 s for dynamo=True, with the same maps (measured
     # on Lite0 at 128 px: max difference 6e-8 to PyTorch either way).
-    with ONNX_EXPORTS, warnings.catch_warnings():  # the flow's threads may export two categories at once
+    with warnings.catch_warnings():  # one export per process at a time: see stages.alone_in_process
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapped,

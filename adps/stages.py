@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,27 @@ def writes_category(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict[
             return stage(params, category, *args, **kwargs)
 
     return locked
+
+
+TORCH_STAGES = threading.Lock()
+
+
+def alone_in_process(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run a torch-heavy stage (training, evaluation, ONNX export) while no other one runs in this process.
+
+    Two categories trained at once in threads of one process (the flow's thread runner) do not give
+    the bits of one at a time (seen: a forced rerun changed psm.pt, so the registry grew); processes
+    (``dvc repro``, Dask workers) are unaffected. Threads still overlap validation, DVC checks and
+    registration; categories train in parallel on Dask worker processes (``runtime.task_runner``).
+    ``torch.onnx.export`` needs it anyway: it keeps global state.
+    """
+
+    @functools.wraps(stage)
+    def alone(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        with TORCH_STAGES:
+            return stage(*args, **kwargs)
+
+    return alone
 
 
 def category_lock(params: Params, category: str):
@@ -235,6 +257,7 @@ def finish_phase(
 
 
 @writes_category
+@alone_in_process
 def distill(params: Params, category: str) -> dict[str, Any]:
     """Stage ``distill@C``: asymmetric distillation of the student; writes models/C/student.pt."""
     device = setup_torch(params)
@@ -303,6 +326,7 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
 
 
 @writes_category
+@alone_in_process
 def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     """Stage ``psm@C``: train the Post-Segmentation Module through the WMB; writes models/C/psm.pt.
 
@@ -359,6 +383,7 @@ def check_trained_with(params: Params, checkpoint: dict[str, Any], path: Path, c
 
 
 @writes_category
+@alone_in_process
 def evaluate(params: Params, category: str) -> dict[str, Any]:
     """Stage ``evaluate@C``: thresholds on the validation split, metrics, curves and heatmaps on test.
 
@@ -398,6 +423,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
 
 
 @writes_category
+@alone_in_process
 def export(params: Params, category: str) -> dict[str, Any]:
     """Stage ``export@C``: the deployable model as ONNX (models/C/model.onnx), metadata inside."""
     from adps.export import export_onnx

@@ -22,7 +22,7 @@ def deployments(params_path: str):
             name="nightly",
             cron=params.schedule.cron,
             parameters={"params_path": params_path},
-            description="Nightly ADPS pipeline: validate, train, evaluate and register every category",
+            description="Nightly ADPS pipeline: import new images, retrain what changed, evaluate and register it",
         ),
         adps_tune.to_deployment(
             name="manual",

@@ -116,6 +116,7 @@ PROJECT_FILES = (
     "flows",
     "scripts",
     "dvc.yaml",
+    "prefect.yaml",
     "data/incoming",
     ".gitignore",
     ".dvc/config",

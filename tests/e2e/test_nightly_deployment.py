@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import urllib.request
@@ -54,6 +56,7 @@ def test_make_up_then_nightly_deployment_run_completes_and_registers(tmp_path: P
         assert aliases.get("challenger") == "1" and aliases.get("champion") == "1"
         assert "up to date" in run(["dvc", "status"], root, env)
         assert f"127.0.0.1:{prefect_port}" in (root / "prefect.toml").read_text()  # the project's own setting
+        run_on_a_work_pool(root, tmp_path, env, f"http://127.0.0.1:{prefect_port}/api")
     finally:
         subprocess.run(["bash", "scripts/services.sh", "down"], cwd=root, env=env, capture_output=True, timeout=120)
         for log in sorted((root / ".run").glob("*.log")):
@@ -61,3 +64,33 @@ def test_make_up_then_nightly_deployment_run_completes_and_registers(tmp_path: P
     assert not (root / "prefect.toml").exists()
     profiles = root / ".prefect" / "profiles.toml"
     assert not profiles.exists() or "PREFECT_API_URL" not in profiles.read_text()  # user profiles untouched
+
+
+def run_on_a_work_pool(root: Path, tmp_path: Path, env: dict[str, str], api: str) -> None:
+    """The team setup of prefect.yaml: the serving process stops, a worker on a process pool runs the deployment."""
+    serve_pid = int((root / ".run" / "serve.pid").read_text())
+    subprocess.run(["pkill", "-TERM", "-P", str(serve_pid)], check=False)
+    os.kill(serve_pid, signal.SIGTERM)
+    run(["prefect", "work-pool", "create", "adps", "--type", "process"], root, env)
+    run(["prefect", "--no-prompt", "deploy", "--all"], root, env)
+    worker_dir = tmp_path / "worker"  # anywhere: the flow runs in the folder prefect deploy recorded
+    worker_dir.mkdir()
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        ["prefect", "worker", "start", "--pool", "adps"],
+        cwd=worker_dir,
+        env={**env, "PREFECT_API_URL": api},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        assert "'work_pool_name': 'adps'" in run(
+            ["prefect", "deployment", "inspect", "adps-pipeline/nightly"], root, env
+        )
+        out = run(["prefect", "deployment", "run", "adps-pipeline/nightly", "--watch"], root, env)
+        assert "Completed" in out
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert "Completed" in (tmp_path / "worker.log").read_text()  # the worker ran it (nothing changed: all Unchanged)

@@ -44,7 +44,7 @@ def test_register_promote_restart_and_load_the_champion_elsewhere(trained_projec
 
     server = mlflow_server(store, port, tmp_path / "server2.log")
     try:
-        client = MlflowClient(uri)
+        client = MlflowClient(uri, registry_uri=uri)  # not a registry set by earlier tests in this process
         assert client.get_model_version_by_alias("adps-washer", "champion").version == "2"
         assert client.get_model_version_by_alias("adps-washer", "challenger").version == "2"
         images = root / "data/synthetic/washer/test"

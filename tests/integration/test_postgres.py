@@ -70,7 +70,7 @@ def test_two_processes_share_one_study_on_postgresql(project, tmp_path, postgres
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}", registry_uri=f"sqlite:///{tmp_path / 'runs.db'}")
     runs = client.search_runs([client.get_experiment_by_name("adps").experiment_id])
     parents = [r for r in runs if r.data.tags.get("optuna_study") == f"{name}-washer"]
     assert len(parents) == 1 and study.user_attrs[PARENT_RUN_ATTR] == parents[0].info.run_id
