@@ -129,9 +129,9 @@ def start_study(params: Params, category: str) -> str:
         study = optuna.create_study(storage=rdb_storage(params, category), study_name=name, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
         return joined_parent_run(params, category)
-    study.enqueue_trial(current_values(params), user_attrs={"baseline": True})
     parent = tracking.study_parent_run(params, name, category)
-    study.set_user_attr(PARENT_RUN_ATTR, parent)
+    study.set_user_attr(PARENT_RUN_ATTR, parent)  # before any trial: a study with trials and no id predates this
+    study.enqueue_trial(current_values(params), user_attrs={"baseline": True})
     return parent
 
 

@@ -52,7 +52,8 @@ def mlflow_server(
     """
     command = ["mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
     command += ["--artifacts-destination", artifacts or str(folder / "artifacts")]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    server = start(command, folder, {**project_env(folder), **(env or {})}, log)
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    quiet = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job consumers (7 processes on 2 cores)
+    server = start(command, folder, {**project_env(folder), **quiet, **(env or {})}, log)
     wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
     return server

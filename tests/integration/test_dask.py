@@ -7,6 +7,10 @@ clean: the stages write where their params' project root says, whatever process 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 
 import pytest
 from distributed import Client, LocalCluster
@@ -70,6 +74,35 @@ def test_the_stages_ran_in_the_worker_processes(dask_project, cluster):
     with Client(cluster) as client:
         loaded = client.run(lambda: "adps.stages" in __import__("sys").modules)
     assert len(loaded) == 2 and any(loaded.values())
+
+
+def test_a_worker_that_does_not_see_the_project_is_named(dask_project, cluster, tmp_path):
+    """A worker "on another host": its own mount namespace shows an empty folder at the project's path."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare -m (root, or user namespaces) to give a worker its own view of the filesystem")
+    root, env, _ = dask_project
+    mount_and_work = f"mount -t tmpfs none {root} && exec dask worker {cluster.scheduler_address} --nthreads 1"
+    log = (tmp_path / "worker.log").open("w")
+    blind = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", mount_and_work],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(3, timeout=120)
+            (blind_address,) = set(client.scheduler_info()["workers"]) - {
+                w.worker_address for w in cluster.workers.values()
+            }
+        with pytest.raises(AdpsError, match="do not see this project") as err:
+            check_workers_see_project(cluster.scheduler_address, load_params(root / "params.yaml"))
+        assert blind_address in str(err.value)
+        assert all(w.worker_address not in str(err.value) for w in cluster.workers.values())
+    finally:
+        os.killpg(blind.pid, signal.SIGKILL)
+        blind.wait()
 
 
 def test_a_cluster_without_workers_is_refused_before_anything_runs(dask_project):
