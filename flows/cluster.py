@@ -10,6 +10,7 @@ start-up, before anything runs.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,11 +38,29 @@ def category_runner(params: Params) -> Iterator[object]:
         yield DaskTaskRunner(address=address)
 
 
-def local_cluster(workers: int):
-    """A LocalCluster of ``workers`` processes with one thread each (torch threads: ``runtime.threads``)."""
+@contextlib.contextmanager
+def local_cluster(workers: int) -> Iterator[object]:
+    """A LocalCluster of ``workers`` processes with one thread each (torch threads: ``runtime.threads``).
+
+    Dask's nanny exports ``OMP_NUM_THREADS=1`` (and more) into this process's environment to pass it
+    to the workers; it is put back as it was, or every later stage and command started from this
+    process would train on one thread (other bits than ``dvc repro``, and half the speed).
+    """
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    saved = dict(os.environ)
+    try:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+            restore_environment(saved)
+            yield cluster
+    finally:
+        restore_environment(saved)
+
+
+def restore_environment(saved: dict[str, str]) -> None:
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
 
 
 def read_probe(path: str) -> str | None:

@@ -13,12 +13,12 @@ import signal
 import subprocess
 
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 from prefect.testing.utilities import prefect_test_harness
 
 from adps.config import load_params
 from adps.errors import AdpsError
-from flows.cluster import check_workers_see_project
+from flows.cluster import check_workers_see_project, local_cluster
 from flows.pipeline import adps_pipeline
 from tests.conftest import make_dvc_project, output_digests, project_env, run
 
@@ -32,7 +32,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+    before = dict(os.environ)
+    with local_cluster(2) as local:
+        assert dict(os.environ) == before  # the nanny's OMP_NUM_THREADS=1 must not stay in this process
         yield local
 
 
@@ -107,5 +109,5 @@ def test_a_worker_that_does_not_see_the_project_is_named(dask_project, cluster, 
 
 def test_a_cluster_without_workers_is_refused_before_anything_runs(dask_project):
     root, _, _ = dask_project
-    with LocalCluster(n_workers=0, dashboard_address=":0") as empty, pytest.raises(AdpsError, match="has no workers"):
+    with local_cluster(0) as empty, pytest.raises(AdpsError, match="has no workers"):
         check_workers_see_project(empty.scheduler_address, load_params(root / "params.yaml"))
