@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from adps import paths, stages, tracking
 from adps.errors import AdpsError
 from adps.inference import Predictor
 from tests.conftest import project_env, run, tiny_params
+from tests.servers import free_port
 
 
 def evaluation_files() -> tuple:
@@ -135,10 +135,7 @@ def test_auto_promotion_and_manual_promote(store):
 
 def test_unreachable_server_is_a_clear_error_and_keeps_local_outputs(trained_project, monkeypatch):
     monkeypatch.chdir(trained_project[0])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     before = {
         p: p.read_bytes()
         for p in (paths.psm_checkpoint(tiny_params(), "washer"), paths.metrics_file(tiny_params(), "washer"))
