@@ -42,9 +42,9 @@ up() {
   start prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   wait_for "$API/health" "Prefect server" 120
   write_prefect_toml
-  # one web worker and no GenAI job consumers: a UI and registry for this machine, light on 2 cores
+  # no GenAI job consumers (7 extra processes): a UI and registry for this machine, light on 2 cores
   start mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$BIN/mlflow" server \
-    --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
+    --backend-store-uri "sqlite:///$PWD/mlflow.db" --host 127.0.0.1 --port "$MLFLOW_PORT"
   start serve env PREFECT_API_URL="$API" "$BIN/python" -m flows.serve
   for _ in $(seq 120); do
     if PREFECT_API_URL="$API" "$BIN/prefect" deployment ls 2>/dev/null | grep -q nightly; then break; fi
