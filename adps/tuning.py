@@ -49,6 +49,7 @@ from adps.evaluation.metrics import decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions, validation_predictions
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
+from adps.runtime import default_threads
 from adps.training.checkpoints import load_model
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's parent MLflow run
@@ -320,10 +321,18 @@ def current_values(params: Params) -> dict[str, Any]:
     return values
 
 
+def worker_threads(params: Params, workers: int) -> int:
+    """Torch threads of each of ``workers`` processes on this host: ``runtime.threads``, or when that is 0
+    the CPUs shared out among them (two workers each taking both of 2 cores made every trial ~7x slower).
+    """
+    return params.runtime.threads or max(1, default_threads() // workers)
+
+
 def run_workers(params: Params, category: str, n_trials: int, workers: int, parent_id: str) -> None:
     """Share ``n_trials`` among ``workers`` processes on the shared study and wait for them."""
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-    common = (params.model_dump(mode="json"), category)
+    threaded = override_params(params, {"runtime.threads": worker_threads(params, workers)})
+    common = (threaded.model_dump(mode="json"), category)
     rest = (parent_id, str(params.root))
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=optimize_worker, args=(*common, n, *rest)) for n in shares if n]

@@ -127,3 +127,12 @@ def test_apply_writes_best_params_and_keeps_comments(tmp_path, monkeypatch):
     assert raw["loss"]["push_weight"] == 0.42 and raw["score"]["method"] == "topk"
     with pytest.raises(AdpsError, match=r"adps tune --category wood"):
         apply_best_params(params_path, "wood")
+
+
+def test_worker_processes_share_the_cores_unless_threads_are_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what runtime.threads: 0 means in this process
+    shared = tune_params(tmp_path)
+    auto = override_params(shared, {"runtime.threads": 0})
+    assert [tuning.worker_threads(auto, n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    fixed = override_params(shared, {"runtime.threads": 3})
+    assert tuning.worker_threads(fixed, 2) == 3  # an explicit count is what the user asked for
