@@ -154,10 +154,6 @@ def absolute_sqlite_url(url: str, root: Path) -> str:
     return url
 
 
-def params_file(params: Params) -> Path:
-    return params.root / "params.yaml"
-
-
 def tuning_dir(params: Params, category: str) -> Path:
     """``reports/tuning/<category>``: best_params.yaml and trials.csv of the category's study."""
     return params.root / REPORTS_ROOT / "tuning" / category

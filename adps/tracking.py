@@ -215,13 +215,13 @@ def log_run_contents(run_id: str, params: Params, category: str, metrics: dict[s
     for path in (
         paths.metrics_file(params, category),
         paths.validation_summary(params, category),
-        paths.params_file(params),
         paths.train_history(params, category, "distill"),
         paths.train_history(params, category, "psm"),
         paths.onnx_file(params, category),
     ):
         if path.is_file():
             client.log_artifact(run_id, str(path))
+    client.log_dict(run_id, params.model_dump(mode="json"), "params.yaml")  # the params that ran, whichever file
     for folder, name in (
         (paths.heatmaps_dir(params, category), "heatmaps"),
         (paths.plots_dir(params, category), "plots"),

@@ -427,7 +427,8 @@ def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
     """Write the category's best params into the params file, keeping its comments and layout."""
     from ruamel.yaml import YAML
 
-    best_file = paths.best_params_file(load_params(params_path), category)
+    params = load_params(params_path)
+    best_file = paths.best_params_file(params, category)
     if not best_file.is_file():
         raise AdpsError(f"no {best_file}: run `adps tune --category {category}` first")
     best = yaml.safe_load(best_file.read_text())
@@ -437,7 +438,7 @@ def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
     document = yaml_rt.load(params_path.read_text())
-    current = flatten_params(params_from_dict(yaml.safe_load(params_path.read_text()), source=str(params_path)))
+    current = flatten_params(params)
     flat = {k: v for k, v in flatten_tree(best).items() if current.get(k) != v}  # touch only what changes
     for key, value in flat.items():
         set_dotted(document, key, value)

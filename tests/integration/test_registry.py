@@ -6,9 +6,11 @@ import base64
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -33,7 +35,7 @@ def store(trained_project, tmp_path, monkeypatch):
     return MlflowClient(uri, registry_uri=uri)  # not the process-wide registry URI an earlier test set
 
 
-def test_register_logs_run_and_registers_challenger_and_first_champion(store):
+def test_register_logs_run_and_registers_challenger_and_first_champion(store, tmp_path):
     record = stages.register(tiny_params(), "washer")
     assert record["model"] == "adps-washer" and record["version"] == "1"
     assert set(record["aliases"]) == {"challenger", "champion"}
@@ -43,7 +45,9 @@ def test_register_logs_run_and_registers_challenger_and_first_champion(store):
     history = store.get_metric_history(record["run_id"], "distill_loss_distill")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in store.list_artifacts(record["run_id"])}
-    assert {"heatmaps", "plots", "washer.json", "distill.json", "psm.json"} <= artifacts
+    assert {"heatmaps", "plots", "washer.json", "distill.json", "psm.json", "params.yaml"} <= artifacts
+    logged = yaml.safe_load(Path(store.download_artifacts(record["run_id"], "params.yaml", str(tmp_path))).read_text())
+    assert logged == tiny_params().model_dump(mode="json")  # the params that ran, not a file that happens to lie there
     assert json.loads(paths.registry_record(tiny_params(), "washer").read_text())["version"] == "1"
 
 
