@@ -1,8 +1,8 @@
 """Where the categories' chains run: threads in the flow's process, or the worker processes of a Dask cluster.
 
 ``runtime.task_runner: dask`` with ``runtime.dask_address: null`` starts a ``distributed.LocalCluster``
-of ``runtime.max_workers`` worker processes (one thread each: one stage at a time per worker) for
-the run; an address connects to an existing scheduler. Stages find their files through the
+of ``runtime.max_workers`` worker processes (one stage at a time per worker, the cores shared among them)
+for the run; an address connects to an existing scheduler. Stages find their files through the
 project root in their params, so every worker must see the project at the same path: checked at
 start-up, before anything runs.
 """
@@ -21,6 +21,7 @@ from adps import paths
 from adps.config import Params
 from adps.errors import AdpsError
 from adps.files import write_text_atomically
+from adps.runtime import default_threads
 
 
 @contextlib.contextmanager
@@ -40,16 +41,19 @@ def category_runner(params: Params) -> Iterator[object]:
 
 @contextlib.contextmanager
 def local_cluster(workers: int) -> Iterator[object]:
-    """A LocalCluster of ``workers`` processes with one thread each (torch threads: ``runtime.threads``).
+    """A LocalCluster of ``workers`` processes with one Dask thread each, sharing this machine's cores.
 
-    Dask's nanny exports ``OMP_NUM_THREADS=1`` (and more) into this process's environment to pass it
-    to the workers; it is put back as it was, or every later stage and command started from this
-    process would train on one thread (other bits than ``dvc repro``, and half the speed).
+    Torch threads per worker (what ``runtime.threads: 0`` means there): the CPUs divided among the
+    workers, handed over as ``OMP_NUM_THREADS`` (Dask's nanny would give each worker 1, leaving cores
+    idle with fewer workers than cores). The nanny also exports its settings into this process's
+    environment; everything is put back as it was, or every later stage and command started from
+    this process would train on its thread count (other bits than ``dvc repro``).
     """
     from distributed import LocalCluster
 
     saved = dict(os.environ)
     try:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, default_threads() // max(workers, 1)))
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
             restore_environment(saved)
             yield cluster

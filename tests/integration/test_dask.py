@@ -23,7 +23,7 @@ from flows.pipeline import adps_pipeline
 from tests.conftest import make_dvc_project, output_digests, project_env, run
 
 CATEGORIES = ["fabric", "washer"]
-# Dask workers run torch with one thread (the nanny sets OMP_NUM_THREADS=1): the same count for dvc repro,
+# Two Dask workers share the cores (on 2 CPUs: one torch thread each); one thread for dvc repro too,
 # so both front-ends sum floats in the same order and give the same bits.
 PARAMS = {"data": {"categories": CATEGORIES, "image_size": 64}, "runtime": {"threads": 1}}
 
@@ -111,3 +111,12 @@ def test_a_cluster_without_workers_is_refused_before_anything_runs(dask_project)
     root, _, _ = dask_project
     with local_cluster(0) as empty, pytest.raises(AdpsError, match="has no workers"):
         check_workers_see_project(empty.scheduler_address, load_params(root / "params.yaml"))
+
+
+def test_local_workers_share_the_cores_and_leave_this_process_as_it_was(monkeypatch):
+    """``runtime.threads: 0`` on a LocalCluster: the CPUs (here OMP_NUM_THREADS=4) divided among the workers."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    for workers, each in ((1, "4"), (2, "2")):
+        with local_cluster(workers) as local, Client(local) as client:
+            assert set(client.run(lambda: os.environ["OMP_NUM_THREADS"]).values()) == {each}
+        assert os.environ["OMP_NUM_THREADS"] == "4"
