@@ -45,6 +45,15 @@ def default_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
 
 
+def shared_threads(processes: int) -> int:
+    """Each process's share of :func:`default_threads` when ``processes`` train at once on this machine.
+
+    Two processes each taking both of 2 cores run 4 busy OpenMP threads and are several times slower
+    than with one each.
+    """
+    return max(1, default_threads() // max(processes, 1))
+
+
 def setup_torch(params: Params):
     """Seed everything, ask for deterministic algorithms, apply ``runtime.threads``; return the device.
 

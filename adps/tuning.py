@@ -49,7 +49,7 @@ from adps.evaluation.metrics import decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions, validation_predictions
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
-from adps.runtime import default_threads
+from adps.runtime import shared_threads
 from adps.training.checkpoints import load_model
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attribute: the study's parent MLflow run
@@ -322,10 +322,8 @@ def current_values(params: Params) -> dict[str, Any]:
 
 
 def worker_threads(params: Params, workers: int) -> int:
-    """Torch threads of each of ``workers`` processes on this host: ``runtime.threads``, or when that is 0
-    the CPUs shared out among them (two workers each taking both of 2 cores made every trial ~7x slower).
-    """
-    return params.runtime.threads or max(1, default_threads() // workers)
+    """Torch threads of each of ``workers`` processes: ``runtime.threads``, or when 0 the cores shared out."""
+    return params.runtime.threads or shared_threads(workers)
 
 
 def run_workers(params: Params, category: str, n_trials: int, workers: int, parent_id: str) -> None:

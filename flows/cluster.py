@@ -21,7 +21,7 @@ from adps import paths
 from adps.config import Params
 from adps.errors import AdpsError
 from adps.files import write_text_atomically
-from adps.runtime import default_threads
+from adps.runtime import shared_threads
 
 
 @contextlib.contextmanager
@@ -53,7 +53,7 @@ def local_cluster(workers: int) -> Iterator[object]:
 
     saved = dict(os.environ)
     try:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, default_threads() // max(workers, 1)))
+        os.environ["OMP_NUM_THREADS"] = str(shared_threads(workers))
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
             restore_environment(saved)
             yield cluster
