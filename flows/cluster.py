@@ -47,7 +47,7 @@ def local_cluster(workers: int) -> Iterator[object]:
     workers, handed over as ``OMP_NUM_THREADS`` (Dask's nanny would give each worker 1, leaving cores
     idle with fewer workers than cores). The nanny's ``MALLOC_TRIM_THRESHOLD_`` is dropped: it turns
     off glibc's adaptive mmap threshold, and every training step then maps and faults in its tensors
-    afresh (2.4x slower distillation steps here). The nanny also exports its settings into this
+    afresh (2-2.7x slower distillation steps here). The nanny also exports its settings into this
     process's environment; everything is put back as it was, or every later stage and command
     started from this process would train on its thread count (other bits than ``dvc repro``).
     """

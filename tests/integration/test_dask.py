@@ -116,7 +116,7 @@ def test_a_cluster_without_workers_is_refused_before_anything_runs(dask_project)
 def test_local_workers_share_the_cores_and_leave_this_process_as_it_was(monkeypatch):
     """``runtime.threads: 0`` on a LocalCluster: the CPUs (here OMP_NUM_THREADS=4) divided among the workers.
 
-    And no ``MALLOC_TRIM_THRESHOLD_`` from the nanny: it made every training step 2.4x slower.
+    And no ``MALLOC_TRIM_THRESHOLD_`` from the nanny: it made training steps 2-2.7x slower.
     """
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
