@@ -100,9 +100,13 @@ class SynthesisParams(Section):
     max_rotation_deg: float = Field(90.0, ge=0.0, le=180.0)
 
 
+# Image modes the one image reader (adps.data.images) takes, byte order aside; validation may narrow them.
+ImageMode = Literal["1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F"]
+
+
 class ValidationParams(Section):
-    allowed_modes: tuple[str, ...] = ("L", "RGB", "I;16")
-    allowed_bit_depths: tuple[int, ...] = (8, 16)
+    allowed_modes: tuple[ImageMode, ...] | None = None  # None: every mode the image reader takes
+    allowed_bit_depths: tuple[Literal[1, 8, 16, 32], ...] | None = None
     min_side: int = Field(32, ge=1)
     max_side: int = Field(8192, ge=1)
     min_train: int = Field(10, ge=1)

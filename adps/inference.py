@@ -23,7 +23,8 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from adps.data.datasets import Normalizer, read_rgb
+from adps.data.datasets import Normalizer
+from adps.data.images import read_rgb
 from adps.errors import AdpsError, ImageReadError
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
 from adps.files import (

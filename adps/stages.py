@@ -19,12 +19,8 @@ from typing import Any
 from adps import paths
 from adps.config import METRIC_NAMES, Params
 from adps.data import layout, synthetic
-from adps.data.datasets import (
-    LabelledDataset,
-    Normalizer,
-    TrainDataset,
-    load_rgb,
-)
+from adps.data.datasets import LabelledDataset, Normalizer, TrainDataset
+from adps.data.images import load_rgb
 from adps.data.splits import category_splits, check_category
 from adps.data.validation import validate_dataset
 from adps.errors import AdpsError, ValidationFailed
@@ -101,29 +97,34 @@ def category_lock(params: Params, category: str):
 
 
 def build_category(params: Params, category: str, dest: Path) -> None:
-    """Generate or import one category of ``data.categories`` into ``dest`` (MVTec layout)."""
+    """Generate or import one category of ``data.categories`` into ``dest`` (MVTec layout).
+
+    Source files the import leaves out are listed, with why, in ``dest/not_imported.csv`` (validation
+    names them; the blocking ones fail it).
+    """
     data = params.data
     source = paths.import_dir(params)
+    skipped: list[layout.Skipped] = []
     if data.source == "synthetic":
         synthetic.generate_category(
             category, params.synthetic, params.runtime.seed, dest, progress=progress_enabled(params)
         )
     elif data.source == "mvtec":
-        layout.import_mvtec_category(source, category, dest)
+        skipped += layout.import_mvtec_category(source, category, dest)
     elif data.source == "kolektor":
-        layout.import_kolektor(source, dest)
+        skipped += layout.import_kolektor(source, dest)
     if data.source in ("synthetic", "folder"):  # synthetic: images in import_path are added to the generated ones
-        root = source / category
-        layout.import_folder_category(
-            root / data.folder.normal,
-            root / data.folder.anomalous,
-            root / data.folder.masks,
+        root, folder = source / category, data.folder
+        skipped += layout.import_folder_category(
+            layout.FolderSet(root / folder.normal, root / folder.anomalous, root / folder.masks, folder.mask_suffix),
             dest,
-            mask_suffix=data.folder.mask_suffix,
-            test_normal_fraction=data.folder.test_normal_fraction,
+            test_normal_fraction=folder.test_normal_fraction,
             seed=params.runtime.seed,
             require_normals=data.source == "folder",
         )
+    for entry in skipped:
+        logger.warning("%s: %s: not imported (%s)", category, entry.source, entry.reason)
+    layout.write_not_imported(dest, skipped, lambda path: paths.in_project(params, path))
 
 
 def prepare(params: Params) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def refresh_dataset(params: Params) -> dict[str, Any]:
     """Rebuild every category's folder, swapping in the changed ones (under each category's lock)."""
     target = paths.dataset_dir(params)
     existed = target.exists()
-    changed, counts = [], {}
+    changed, counts, not_imported = [], {}, {}
     for category in params.data.categories:
         folder = target / category
         try:
@@ -155,10 +156,12 @@ def refresh_dataset(params: Params) -> dict[str, Any]:
         counts[category] = len(layout.build_sample_index(folder, category))
         state = "changed" if category in changed else "unchanged"
         logger.info("prepared %s: %d images (%s)", category, counts[category], state)
+        if left_out := layout.read_not_imported(folder):
+            not_imported[category] = left_out
     for stale in sorted(p for p in target.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if stale.name not in params.data.categories:
             shutil.rmtree(stale)
-    return {"dataset": str(target), "images": counts, "changed": changed}
+    return {"dataset": str(target), "images": counts, "changed": changed, "not_imported": not_imported}
 
 
 @writes_category
@@ -173,10 +176,19 @@ def validate(params: Params, category: str) -> dict[str, Any]:
     check_category(params, category)
     holder: dict[str, Any] = {}
 
+    folder = paths.category_dir(params, category)
+    left_out = layout.read_not_imported(folder) if folder.is_dir() else []
+
     def run(docs_tmp: Path) -> None:
-        samples = layout.build_sample_index(paths.category_dir(params, category), category)
+        samples = layout.build_sample_index(folder, category)
         holder["report"] = validate_dataset(
-            samples, [category], params.validation, docs_tmp, params.root, progress=progress_enabled(params)
+            samples,
+            [category],
+            params.validation,
+            docs_tmp,
+            params.root,
+            progress_enabled(params),
+            unused_files(params, folder, samples, left_out),
         )
 
     replace_dir_atomically(paths.data_docs_dir(params, category), run)
@@ -189,6 +201,7 @@ def validate(params: Params, category: str) -> dict[str, Any]:
         "counts": report.counts.drop(columns="path").to_dict(orient="records"),
         "checks": report.checks,
         "failures": report.failures,
+        "not_imported": left_out,
         "data_docs": paths.in_project(params, paths.data_docs_dir(params, category) / "index.html"),
     }
     write_text_atomically(paths.validation_metadata_csv(params, category), report.metadata.to_csv(index=False))
@@ -198,7 +211,18 @@ def validate(params: Params, category: str) -> dict[str, Any]:
     if not report.success:
         message = validation_message(params, category, report.failures, summary["data_docs"])
         raise ValidationFailed(message, report.failures)
-    return {"success": True, "n_images": summary["n_images"], "summary": str(summary_path)}
+    result = {"success": True, "n_images": summary["n_images"], "summary": str(summary_path)}
+    return result | ({"not_imported": [f"{r['file']}: {r['reason']}" for r in left_out]} if left_out else {})
+
+
+def unused_files(
+    params: Params, folder: Path, samples: list[layout.Sample], left_out: list[dict[str, str]]
+) -> list[dict[str, str]]:
+    """Files validation fails on as unused: in the dataset folder, or left out of it by a blocking import rule."""
+    unused = [{"path": paths.in_project(params, p), "why": why} for p, why in layout.unused_files(folder, samples)]
+    return unused + [
+        {"path": r["file"], "why": f"not imported: {r['reason']}"} for r in left_out if r["blocking"] == "true"
+    ]
 
 
 def validation_message(

@@ -29,7 +29,7 @@ import torch
 
 from adps import paths
 from adps.config import load_params
-from adps.data.datasets import load_rgb
+from adps.data.images import load_rgb
 from adps.export import OnnxPredictor
 from adps.inference import Predictor
 

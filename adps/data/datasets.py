@@ -3,89 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from adps.config import Params
+from adps.data.images import load_mask, load_rgb
 from adps.data.layout import Sample
 from adps.data.synthesis import AnomalySynthesizer
-from adps.errors import DatasetError, ImageReadError
+from adps.errors import DatasetError
 from adps.model.backbones import input_normalization
 
 Array = np.ndarray
 
 
 SYNTHESIS_TRIES = 50  # Perlin masks drawn for one validation anomaly before giving up
-MAX_IMAGE_PIXELS = 64_000_000  # larger files are refused before decoding (a decompression bomb costs GBs)
-MIN_IMAGE_SIDE = 16  # smaller images carry no texture to score; resizing them up only invents pixels
-
-
-def load_rgb(path: Path | IO[bytes], size: int, name: str | None = None) -> Array:
-    """Read an image as (size, size, 3) float32 RGB in [0, 1] (bilinear resize); see :func:`read_rgb`."""
-    return read_rgb(path, size, name)[0]
-
-
-def read_rgb(source: Path | IO[bytes], size: int, name: str | None = None) -> tuple[Array, tuple[int, int]]:
-    """An image file (or its bytes) as (size, size, 3) float32 RGB in [0, 1], and its original (width, height).
-
-    8-bit images map 0..255 to [0, 1]; 16-bit ones 0..65535; float images are taken as [0, 1] when
-    every value lies there (else as 0..255, or 0..65535 above 255). ``name`` labels errors for bytes.
-
-    Raises:
-        ImageReadError: the file is missing, truncated, not an image, too large or too small.
-    """
-    try:
-        with Image.open(source) as img:
-            check_image_size(img.size)
-            img.load()
-            original = img.size
-            if img.mode.startswith("I") or img.mode == "F":
-                img = Image.fromarray(to_8bit(np.asarray(img, dtype=np.float64), img.mode))
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.float32) / 255.0, original
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"cannot read image {name or source}: {err}") from err
-
-
-def check_image_size(size: tuple[int, int]) -> None:
-    width, height = size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"{width}x{height} px is over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; downscale it first"
-        )
-    if min(width, height) < MIN_IMAGE_SIDE:
-        raise ValueError(f"{width}x{height} px is smaller than {MIN_IMAGE_SIDE} px on a side")
-
-
-def to_8bit(values: Array, mode: str) -> Array:
-    """A 16-bit or float image as uint8 0..255 (see :func:`load_rgb` for the value ranges)."""
-    if not np.isfinite(values).all():
-        raise ValueError("the image has NaN or infinite pixel values")
-    top = float(values.max(initial=0.0))
-    if mode == "F" and top <= 1.0 and values.min(initial=0.0) >= 0.0:
-        scale = 255.0
-    elif mode == "F" and top <= 255.0:
-        scale = 1.0
-    else:
-        scale = 1 / 257.0
-    return (values * scale).round().clip(0, 255).astype(np.uint8)
-
-
-def load_mask(path: Path | None, size: int) -> Array:
-    """Read a mask as (size, size) float32 in {0, 1} (nearest resize); zeros when ``path`` is None."""
-    if path is None:
-        return np.zeros((size, size), np.float32)
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L").resize((size, size), Image.NEAREST)
-            return (np.asarray(img) > 0).astype(np.float32)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"cannot read mask {path}: {err}") from err
 
 
 class Normalizer:

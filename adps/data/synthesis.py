@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from adps.config import SynthesisParams
+from adps.data.images import load_rgb
 from adps.data.layout import list_images
-from adps.errors import DatasetError
+from adps.errors import DatasetError, ImageReadError
 
 logger = logging.getLogger(__name__)
 Array = np.ndarray
@@ -101,11 +101,9 @@ class AnomalySynthesizer:
             return self.textures[rng.integers(len(self.textures))]
         path = self.texture_paths[rng.integers(len(self.texture_paths))]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-                return np.asarray(img, dtype=np.float32) / 255.0
-        except (OSError, SyntaxError, ValueError) as err:
-            raise DatasetError(f"cannot read texture {path}: {err}. Remove or replace the file.") from err
+            return load_rgb(path, self.size)
+        except ImageReadError as err:
+            raise DatasetError(f"{err}. Remove or replace the texture file.") from err
 
     def __call__(self, image: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         """Return ``(anomalous_image, mask)`` for an (H, W, 3) float image in [0, 1].

@@ -16,25 +16,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from adps.config import ValidationParams
+from adps.data.images import decode_image, mask_values, rgb_image
 from adps.data.layout import Sample
+from adps.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
 
-BITS_PER_MODE = {
-    "1": 1,
-    "L": 8,
-    "P": 8,
-    "LA": 8,
-    "RGB": 8,
-    "RGBA": 8,
-    "CMYK": 8,
-    "I;16": 16,
-    "I": 32,
-    "F": 32,
-}
 SUITE_NAME = "adps-dataset"
 
 
@@ -48,7 +37,7 @@ class ValidationReport:
 
 
 def read_image_facts(path: Path) -> dict[str, Any]:
-    """Decode a file completely and return its mode, bit depth and size (or the decode error)."""
+    """Decode a file completely, as training and prediction do, and return what it is (or why it cannot be read)."""
     facts: dict[str, Any] = {
         "decodes": False,
         "decode_error": "",
@@ -58,24 +47,29 @@ def read_image_facts(path: Path) -> dict[str, Any]:
         "height": None,
     }
     try:
-        with Image.open(path) as img:
-            img.load()
-            facts.update(
-                decodes=True,
-                mode=img.mode,
-                bit_depth=BITS_PER_MODE.get(img.mode, 0),
-                width=img.width,
-                height=img.height,
-            )
-    except Exception as err:  # PIL raises many types for corrupt files; all mean "unreadable"
-        facts["decode_error"] = f"{type(err).__name__}: {err}"
+        decoded = decode_image(path)
+        rgb_image(decoded, str(path))  # the colour conversion every reader applies
+    except ImageReadError as err:
+        facts["decode_error"] = read_error_detail(err)
+        return facts
+    width, height = decoded.size
+    facts.update(decodes=True, mode=decoded.mode, bit_depth=decoded.bit_depth, width=width, height=height)
     return facts
 
 
+def read_error_detail(err: ImageReadError) -> str:
+    """Why a file cannot be read, without the file name (the report's row names it)."""
+    cause = err.__cause__
+    if cause is None:
+        return str(err)
+    return str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}"
+
+
 def read_mask_facts(mask_path: Path | None, image_size: tuple[int, int] | None, is_defect: bool) -> dict[str, Any]:
-    """Facts of a mask file; every value is None when there is no mask."""
+    """Facts of a mask file, read as training reads it; every value is None when there is no mask."""
     facts: dict[str, Any] = {
         "mask_decodes": None,
+        "mask_error": "",
         "mask_size_matches": None,
         "mask_binary": None,
         "mask_nonempty": None,
@@ -83,15 +77,13 @@ def read_mask_facts(mask_path: Path | None, image_size: tuple[int, int] | None, 
     if mask_path is None:
         return facts
     try:
-        with Image.open(mask_path) as img:
-            img.load()
-            values = np.unique(np.asarray(img.convert("L")))
-            size = (img.width, img.height)
-    except Exception:
-        facts["mask_decodes"] = False
+        decoded = decode_image(mask_path, what="mask")
+    except ImageReadError as err:
+        facts.update(mask_decodes=False, mask_error=read_error_detail(err))
         return facts
+    values = np.unique(mask_values(decoded))
     facts["mask_decodes"] = True
-    facts["mask_size_matches"] = None if image_size is None else size == image_size
+    facts["mask_size_matches"] = None if image_size is None else decoded.size == image_size
     facts["mask_binary"] = len(values) <= 2 and (values[0] == 0 or len(values) == 1)
     facts["mask_nonempty"] = bool(values.max() > 0) if is_defect else None
     return facts
@@ -180,17 +172,8 @@ def dataset_expectations(cfg: ValidationParams) -> dict[str, list[Any]]:
     side = f"outside [{cfg.min_side}, {cfg.max_side}] pixels"
     return {
         "images": [
-            in_set("decodes", [True], "file does not decode fully (truncated or corrupt)"),
-            in_set(
-                "mode",
-                list(cfg.allowed_modes),
-                f"image mode not allowed (allowed: {', '.join(cfg.allowed_modes)})",
-            ),
-            in_set(
-                "bit_depth",
-                list(cfg.allowed_bit_depths),
-                f"bit depth not allowed (allowed: {list(cfg.allowed_bit_depths)})",
-            ),
+            in_set("decodes", [True], "image cannot be read"),
+            *policy_expectations(cfg, in_set),
             expect(
                 E.ExpectColumnValuesToBeBetween,
                 f"width {side}",
@@ -211,9 +194,14 @@ def dataset_expectations(cfg: ValidationParams) -> dict[str, list[Any]]:
                 column_A="is_defect",
                 column_B="has_mask",
             ),
-            in_set("mask_decodes", [True], "mask file does not decode"),
+            in_set("mask_decodes", [True], "mask cannot be read"),
             in_set("mask_size_matches", [True], "mask size differs from image size"),
-            in_set("mask_binary", [True], "mask values are not binary (expected 0 and one foreground value)"),
+            in_set(
+                "mask_binary",
+                [True],
+                "mask values are not binary (expected 0 and one foreground value; a JPEG mask has grey edges: "
+                "save masks as PNG)",
+            ),
             in_set("mask_nonempty", [True], "defect mask is empty"),
             in_set(
                 "train_is_normal",
@@ -226,12 +214,25 @@ def dataset_expectations(cfg: ValidationParams) -> dict[str, list[Any]]:
                 "identical image in both train and test (a test image copied into train?)",
             ),
         ],
+        "files": [in_set("used", [True], "file not used, or not usable as it lies")],
         "counts": [
             at_least("n_train", cfg.min_train, f"fewer than {cfg.min_train} training images"),
             at_least("n_test_good", cfg.min_test_good, f"fewer than {cfg.min_test_good} normal test images"),
             at_least("n_test_defect", cfg.min_test_defect, f"fewer than {cfg.min_test_defect} defect test images"),
         ],
     }
+
+
+def policy_expectations(cfg: ValidationParams, in_set: Any) -> list[Any]:
+    """The site's own limits on modes and bit depths (none when ``allowed_*`` is null: whatever reads)."""
+    rules = []
+    if cfg.allowed_modes is not None:
+        allowed = ", ".join(cfg.allowed_modes)
+        rules.append(in_set("mode", list(cfg.allowed_modes), f"image mode not allowed (allowed: {allowed})"))
+    if cfg.allowed_bit_depths is not None:
+        allowed = str(list(cfg.allowed_bit_depths))
+        rules.append(in_set("bit_depth", list(cfg.allowed_bit_depths), f"bit depth not allowed (allowed: {allowed})"))
+    return rules
 
 
 def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidationParams, docs_dir: Path) -> list[Any]:
@@ -279,9 +280,29 @@ def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidationParams, doc
     return results
 
 
-def failures_from_results(results: list[Any], metadata: pd.DataFrame) -> list[dict[str, str]]:
-    """One row per (file, failed check): the file, its category, the check and the reason."""
-    errors = dict(zip(metadata["path"], metadata["decode_error"], strict=True)) if not metadata.empty else {}
+DETAIL_COLUMNS = {  # check -> the column of its table that says which file or why
+    "decodes": "decode_error",
+    "mask_decodes": "mask_error",
+    "mask_size_matches": "mask_path",
+    "mask_binary": "mask_path",
+    "mask_nonempty": "mask_path",
+    "used": "why",
+}
+
+
+def failure_details(tables: list[pd.DataFrame]) -> dict[str, dict[str, str]]:
+    """For each check with details, the detail of every row, by path."""
+    details: dict[str, dict[str, str]] = {}
+    for check, column in DETAIL_COLUMNS.items():
+        for table in tables:
+            if not table.empty and column in table:
+                details.setdefault(check, {}).update(zip(table["path"], table[column].fillna(""), strict=True))
+    return details
+
+
+def failures_from_results(results: list[Any], tables: list[pd.DataFrame]) -> list[dict[str, str]]:
+    """One row per (file, failed check): the file, the check and the reason (with its detail)."""
+    details = failure_details(tables)
     failures = []
     for result in results:
         if result.success:
@@ -290,7 +311,7 @@ def failures_from_results(results: list[Any], metadata: pd.DataFrame) -> list[di
         reason = config.meta.get("reason", config.type)
         check = config.kwargs.get("column") or f"{config.kwargs['column_A']} == {config.kwargs['column_B']}"
         for row in result.result.get("unexpected_index_list") or []:
-            detail = errors.get(row["path"]) if config.kwargs.get("column") == "decodes" else ""
+            detail = details.get(config.kwargs.get("column"), {}).get(row["path"], "")
             failures.append(
                 {
                     "file": row["path"],
@@ -322,17 +343,20 @@ def validate_dataset(
     docs_dir: Path,
     root: Path | None = None,
     progress: bool = False,
+    unused: list[dict[str, str]] | None = None,
 ) -> ValidationReport:
     """Build the metadata tables, run the GX suites and collect every failing file with its reason.
 
-    Files are named relative to ``root`` (the project root) in the tables and failures.
+    ``unused``: files of the dataset (or its source) that no sample uses, as ``{"path", "why"}``;
+    each is a failure. Files are named relative to ``root`` (the project root) in the tables and failures.
     """
     metadata = build_metadata_table(samples, root, progress=progress)
     counts = build_counts_table(metadata, categories)
     if metadata.empty:
         metadata = pd.DataFrame([{"path": "<no images>", "decodes": False, "decode_error": "dataset is empty"}])
-    results = run_expectations({"images": metadata, "counts": counts}, cfg, docs_dir)
-    failures = failures_from_results(results, metadata)
+    files = pd.DataFrame([{**row, "used": False} for row in unused or []], columns=["path", "why", "used"])
+    results = run_expectations({"images": metadata, "files": files, "counts": counts}, cfg, docs_dir)
+    failures = failures_from_results(results, [metadata, files])
     return ValidationReport(
         success=not failures,
         failures=failures,

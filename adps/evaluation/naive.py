@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from adps.data.datasets import load_mask, load_rgb
+from adps.data.images import load_mask, load_rgb
 from adps.data.layout import Sample
 
 

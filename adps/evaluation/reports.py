@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from adps.config import EvaluationParams, ThresholdParams
-from adps.data.datasets import load_rgb
+from adps.data.images import load_rgb
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
 from adps.evaluation.metrics import curves, decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions

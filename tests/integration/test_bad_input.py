@@ -21,7 +21,8 @@ from PIL import Image
 
 from adps import paths, stages
 from adps.config import ParamsError, load_params
-from adps.data.datasets import ValidationDataset, load_rgb
+from adps.data.datasets import ValidationDataset
+from adps.data.images import load_rgb
 from adps.errors import AdpsError, ImageReadError
 from adps.files import write_json_atomically, write_text_atomically
 from adps.inference import Predictor, predict_to_folder

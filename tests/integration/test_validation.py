@@ -37,12 +37,12 @@ CASES: dict[str, tuple[Callable[[], None], str, str]] = {
     "truncated": (
         lambda: truncate(DATA / "fabric/test/good/001.png"),
         "fabric/test/good/001.png",
-        "file does not decode fully (truncated or corrupt)",
+        "image cannot be read: OSError: image file is truncated",
     ),
-    "mode": (
+    "transparent": (
         lambda: save(DATA / "fabric/train/good/002.png", np.zeros((64, 64, 4), np.uint8), "RGBA"),
         "fabric/train/good/002.png",
-        "image mode not allowed",
+        "image cannot be read: 4096 pixels are transparent",
     ),
     "size": (
         lambda: save(DATA / "washer/train/good/003.png", np.zeros((16, 16, 3), np.uint8)),
@@ -80,7 +80,7 @@ CASES: dict[str, tuple[Callable[[], None], str, str]] = {
     "mask_corrupt": (
         lambda: (DATA / "fabric/ground_truth/hole/000_mask.png").write_bytes(b"not a png"),
         "fabric/test/hole/000.png",
-        "mask file does not decode",
+        "mask cannot be read: UnidentifiedImageError",
     ),
     "defect_in_train": (
         lambda: shutil.copytree(DATA / "washer/test/crack", DATA / "washer/train/crack"),
@@ -113,13 +113,19 @@ def test_each_failure_kind_names_the_file_and_reason_and_touches_no_data(project
     assert bad_file in paths.validation_failures_csv(tiny_params(), category).read_text()
 
 
-def test_bit_depth_outside_allowed(project):
+def test_a_site_can_narrow_modes_and_bit_depths(project):
     save(DATA / "fabric/train/good/004.png", np.zeros((64, 64), bool), "1")
-    params = tiny_params(validation={"allowed_modes": ["1", "RGB"]})
+    stages.validate(tiny_params(), "fabric")  # by default, every image the reader takes passes
+    params = tiny_params(validation={"allowed_modes": ["1", "RGB"], "allowed_bit_depths": [8, 16]})
     with pytest.raises(ValidationFailed) as err:
         stages.validate(params, "fabric")
     assert [f["reason"] for f in err.value.failures if f["file"].endswith("004.png")] == [
         "bit depth not allowed (allowed: [8, 16])"
+    ]
+    with pytest.raises(ValidationFailed) as err:
+        stages.validate(tiny_params(validation={"allowed_modes": ["RGB"]}), "fabric")
+    assert [f["reason"] for f in err.value.failures if f["file"].endswith("004.png")] == [
+        "image mode not allowed (allowed: RGB)"
     ]
 
 

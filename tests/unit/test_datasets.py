@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from adps.data.datasets import LabelledDataset, TrainDataset, load_rgb
+from adps.data.datasets import LabelledDataset, TrainDataset
+from adps.data.images import load_rgb
 from adps.data.layout import build_sample_index
 from adps.errors import ImageReadError
 from tests.conftest import tiny_params

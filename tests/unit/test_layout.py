@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adps.data.images import read_mask
 from adps.data.layout import (
+    FolderSet,
     build_sample_index,
     import_folder_category,
     import_kolektor,
     import_mvtec_category,
     normal_split,
-    read_binary_mask,
 )
 from adps.errors import DatasetError
 
@@ -73,13 +74,14 @@ def test_kolektor_import(tmp_path):
         mask_png(src / split / "10_GT.png", False)
         png(src / split / "11.png", 60)
         mask_png(src / split / "11_GT.png", True, on=1)  # non-0/255 foreground is fine
-    import_kolektor(src, tmp_path / "out")
+    skipped = import_kolektor(src, tmp_path / "out")
     samples = build_sample_index(tmp_path / "out", "ksdd2")
     train = [s for s in samples if s.split == "train"]
-    assert [s.image_path.name for s in train] == ["10.png"]  # defective training image dropped
+    assert [s.image_path.name for s in train] == ["10.png"]  # defective training image left out, and named:
+    assert [(e.source.name, e.blocking) for e in skipped] == [("11.png", False), ("11_GT.png", False)]
     defect = next(s for s in samples if s.label == 1)
-    assert defect.image_path.name == "11.png" and read_binary_mask(defect.mask_path).sum() == 100
-    assert np.unique(np.asarray(Image.open(defect.mask_path))).tolist() == [0, 255]
+    assert defect.image_path.name == "11.png" and read_mask(defect.mask_path).sum() == 100
+    assert defect.mask_path.read_bytes() == (src / "test" / "11_GT.png").read_bytes()  # the mask as given
 
 
 def test_kolektor_missing_gt_names_the_file(tmp_path):
@@ -88,14 +90,11 @@ def test_kolektor_missing_gt_names_the_file(tmp_path):
         import_kolektor(tmp_path, tmp_path / "out")
 
 
-def import_from(root: Path, test_normal_fraction: float) -> None:
+def import_from(root: Path, test_normal_fraction: float) -> list:
     """The folder importer on ``root/{normal,anomalous,masks}`` into ``root/out``."""
-    import_folder_category(
-        root / "normal",
-        root / "anomalous",
-        root / "masks",
+    return import_folder_category(
+        FolderSet(root / "normal", root / "anomalous", root / "masks", "_mask"),
         root / "out",
-        mask_suffix="_mask",
         test_normal_fraction=test_normal_fraction,
         seed=0,
     )

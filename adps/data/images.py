@@ -1,0 +1,270 @@
+"""Image files read as their owner sees them: the one decode path of every image and mask.
+
+Training, validation, evaluation, ``adps predict`` (PyTorch and ONNX) and the served model all
+read files through :func:`decode_image`, so they agree on which files are readable and on what
+their pixels are. What a file says about itself is obeyed, or the file is refused with the reason:
+
+- **orientation**: an EXIF (JPEG, PNG, WebP) or TIFF Orientation tag is applied, as every viewer does;
+- **byte order**: big- and little-endian 16-bit samples read as the same values;
+- **significant bits**: a 16-bit grayscale PNG whose ``sBIT`` chunk declares s < 16 bits and whose
+  values all fit in s bits (a 12-bit camera's unscaled data) reads on the scale 0..2^s - 1;
+- **palette**: expanded to its colours (a palette index is not a brightness);
+- **colour profile**: an embedded ICC profile (Display P3 phone photos, Adobe RGB, CMYK) is
+  converted to sRGB for images; masks are labels and keep their values;
+- **transparency**: an image or mask with any pixel not fully opaque is refused (how it looks depends
+  on the background it is shown on); a fully opaque alpha channel is dropped;
+- **frames**: a file with several frames or pages (multi-page TIFF, animated GIF) is refused;
+- **value range**: 8-bit 0..255, 16-bit 0..65535, 32-bit integers up to 65535, float in [0, 1]
+  (else as 0..255, or as 0..65535 above 255); non-finite, negative or larger values are refused.
+
+A mask pixel is defect when its value is non-zero (any channel, after palette expansion); validation
+separately requires masks to be binary, whatever the source (see :mod:`adps.data.validation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image, ImageCms
+
+from adps.errors import ImageReadError
+
+Array = np.ndarray
+Source = Path | str | IO[bytes]
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger files are refused before decoding (a decompression bomb costs GBs)
+MIN_IMAGE_SIDE = 16  # smaller images carry no texture to score; resizing them up only invents pixels
+BITS_PER_MODE = {  # every mode a file may decode to, with its bits per sample; byte order aside (I;16B is I;16)
+    "1": 1,
+    "L": 8,
+    "P": 8,
+    "LA": 8,
+    "PA": 8,
+    "RGB": 8,
+    "RGBA": 8,
+    "CMYK": 8,
+    "YCbCr": 8,
+    "I;16": 16,
+    "I": 32,
+    "F": 32,
+}
+UNSIGNED_16 = ("I;16", "I;16B", "I;16L", "I;16N")
+ORIENTATION_TAG = 0x0112
+TRANSPOSE_FOR_ORIENTATION = {  # as Pillow's ImageOps.exif_transpose, applied after the samples are native
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, ImageCms.PyCMSError)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One file's pixels as its owner sees them, and what the file is.
+
+    ``pixels``: upright, single frame, opaque, palette expanded; mode L, RGB, CMYK, YCbCr, I;16, I or F.
+    ``mode``: the file's own mode (byte order aside); ``full_scale``: the sample value that is white.
+    """
+
+    pixels: Image.Image
+    mode: str
+    bit_depth: int
+    full_scale: float
+    icc_profile: bytes | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as shown, after orientation."""
+        return self.pixels.size
+
+
+def decode_image(source: Source, name: str | None = None, what: str = "image") -> DecodedImage:
+    """Decode a file (or its bytes) completely, as described in the module docstring.
+
+    Raises:
+        ImageReadError: missing, truncated, not an image, too large or small, several frames,
+            transparent, or values that cannot be read; the message names the file and why.
+    """
+    try:
+        with Image.open(source) as img:
+            check_image_size(img.size)
+            check_single_frame(img)
+            img.load()
+            mode = file_mode(img)
+            orientation = img.getexif().get(ORIENTATION_TAG, 1)
+            bits = png_significant_bits(source) if img.format == "PNG" and mode == "I;16" else None
+            pixels = upright(opaque(expand_palette(native_byte_order(img))), orientation)
+            icc = img.info.get("icc_profile") or None
+            return DecodedImage(pixels, mode, BITS_PER_MODE[mode], full_scale(pixels, bits), icc)
+    except READ_ERRORS as err:
+        raise ImageReadError(f"cannot read {what} {name or source}: {err}") from err
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{width}x{height} px is over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; downscale it first"
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{width}x{height} px is smaller than {MIN_IMAGE_SIDE} px on a side")
+
+
+def check_single_frame(img: Image.Image) -> None:
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise ValueError(f"the file holds {frames} frames (pages); save the one to inspect as a file of its own")
+
+
+def file_mode(img: Image.Image) -> str:
+    """The file's mode with byte order aside (I;16B, I;16L and I;16N are all I;16); refused when unsupported."""
+    mode = "I;16" if img.mode in UNSIGNED_16 else img.mode
+    if mode not in BITS_PER_MODE:
+        raise ValueError(f"image mode {img.mode} is not supported; save it as 8-bit RGB or grayscale")
+    return mode
+
+
+def native_byte_order(img: Image.Image) -> Image.Image:
+    """16-bit samples of either byte order as native unsigned values (mode I;16)."""
+    if img.mode in UNSIGNED_16 and img.mode != "I;16":
+        return Image.fromarray(np.asarray(img).astype(np.uint16))
+    return img
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """A new image turned as the EXIF/TIFF orientation tag says (values outside 2..8 leave it as stored)."""
+    method = TRANSPOSE_FOR_ORIENTATION.get(orientation)
+    return img.transpose(method) if method is not None else img.copy()
+
+
+def expand_palette(img: Image.Image) -> Image.Image:
+    """Palette images as their colours (with alpha when the palette or a colour key has transparency)."""
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    if img.mode in ("L", "RGB") and "transparency" in img.info:  # a tRNS colour key
+        return img.convert("LA" if img.mode == "L" else "RGBA")
+    return img
+
+
+def opaque(img: Image.Image) -> Image.Image:
+    """The image without its alpha channel, refused when any pixel is not fully opaque."""
+    if "A" not in img.getbands():
+        return img
+    see_through = int((np.asarray(img.getchannel("A")) < 255).sum())
+    if see_through:
+        raise ValueError(
+            f"{see_through} pixels are transparent (alpha < 255): how the image looks depends on the background "
+            "it is shown on; flatten it onto the background your camera sees and save it without alpha"
+        )
+    return img.convert("RGB" if img.mode in ("RGBA", "RGBa") else "L")
+
+
+def png_significant_bits(source: Source) -> int | None:
+    """The ``sBIT`` value of a 16-bit PNG (largest over channels), read from its chunks before IDAT; None if absent."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, Path | str):
+            stream = stack.enter_context(open(source, "rb"))
+        else:
+            stream = source
+            stream.seek(0)
+        stream.read(8)  # signature
+        depth = None
+        while len(header := stream.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            data = stream.read(length)
+            stream.read(4)  # CRC
+            if kind == b"IHDR" and len(data) >= 9:
+                depth = data[8]
+            elif kind == b"sBIT" and depth == 16 and data:
+                return max(data)
+    return None
+
+
+def full_scale(img: Image.Image, declared_bits: int | None) -> float:
+    """The sample value that means white, from the mode, the declared bits and (for floats) the values."""
+    if img.mode not in ("I;16", "I", "F"):
+        return 255.0
+    values = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("the image has NaN or infinite pixel values")
+    low, top = float(values.min()), float(values.max())
+    if low < 0 or top > 65535:
+        raise ValueError(f"pixel values span {low:g}..{top:g}: only 0..65535 (or float 0..1) can be read as brightness")
+    if img.mode == "I;16" and declared_bits and declared_bits < 16 and top <= 2**declared_bits - 1:
+        return float(2**declared_bits - 1)  # unscaled camera data (e.g. 12 significant bits in 16)
+    if img.mode == "F" and top <= 1.0:
+        return 1.0
+    if img.mode == "F" and top <= 255.0:
+        return 255.0
+    return 65535.0
+
+
+def to_srgb(img: Image.Image, icc_profile: bytes | None) -> Image.Image:
+    """An 8-bit image converted from its embedded ICC profile to sRGB (RGB); others as RGB."""
+    if icc_profile is None:
+        return img.convert("RGB")
+    if img.mode not in ("L", "RGB", "CMYK"):
+        raise ValueError(f"it carries a colour profile for mode {img.mode}, which cannot be applied: remove it")
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+    return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+
+
+def rgb_image(decoded: DecodedImage, name: str = "") -> Image.Image:
+    """The decoded file as an 8-bit sRGB PIL image (16-bit and float samples scaled by their full scale)."""
+    img = decoded.pixels
+    try:
+        if img.mode in ("I;16", "I", "F"):
+            if decoded.icc_profile is not None:
+                raise ValueError("it carries a colour profile on 16-bit or float samples, which cannot be applied")
+            values = np.asarray(img, dtype=np.float64) * (255.0 / decoded.full_scale)
+            return Image.fromarray(values.round().clip(0, 255).astype(np.uint8)).convert("RGB")
+        return to_srgb(img, decoded.icc_profile)
+    except READ_ERRORS as err:
+        raise ImageReadError(f"cannot read image {name}: {err}") from err
+
+
+def read_rgb(source: Source, size: int, name: str | None = None) -> tuple[Array, tuple[int, int]]:
+    """An image file (or its bytes) as (size, size, 3) float32 RGB in [0, 1] (bilinear), and its (width, height).
+
+    Raises:
+        ImageReadError: see :func:`decode_image`.
+    """
+    decoded = decode_image(source, name)
+    img = rgb_image(decoded, name or str(source)).resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32) / 255.0, decoded.size
+
+
+def load_rgb(path: Source, size: int, name: str | None = None) -> Array:
+    """Read an image as (size, size, 3) float32 RGB in [0, 1]; see :func:`read_rgb`."""
+    return read_rgb(path, size, name)[0]
+
+
+def mask_values(decoded: DecodedImage) -> Array:
+    """A decoded mask's values (H, W): the largest channel of each pixel (0 = normal)."""
+    values = np.asarray(decoded.pixels)
+    return values.max(axis=2) if values.ndim == 3 else values
+
+
+def read_mask(path: Path) -> Array:
+    """A mask file as booleans at its own size (True = defect: any non-zero value)."""
+    return mask_values(decode_image(path, what="mask")) > 0
+
+
+def load_mask(path: Path | None, size: int) -> Array:
+    """A mask as (size, size) float32 in {0, 1} (nearest resize); zeros when ``path`` is None."""
+    if path is None:
+        return np.zeros((size, size), np.float32)
+    defect = Image.fromarray(np.where(read_mask(path), 255, 0).astype(np.uint8), mode="L")
+    return (np.asarray(defect.resize((size, size), Image.NEAREST)) > 0).astype(np.float32)
