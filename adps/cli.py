@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adps import stages
-from adps.config import DEFAULT_PARAMS_PATH, Params, load_params
+from adps.config import Params, find_params, load_params
 from adps.errors import AdpsError, ValidationFailed
 from adps.inference import Predictor, predict_to_folder
 
@@ -26,7 +27,16 @@ app = typer.Typer(
 )
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML) to read every setting from.")]
+ParamsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--params",
+        "-p",
+        help="Params file (YAML) to read every setting from [default: the project's params.yaml, found from the "
+        "working directory up]",
+        show_default=False,
+    ),
+]
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -69,7 +79,7 @@ def reported_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path, *args: Any) -> dict[str, Any]:
+def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path | None, *args: Any) -> dict[str, Any]:
     """Load params, run one stage, print its result; errors are reported by :func:`reported_errors`."""
     with reported_errors():
         params = load_params(params_path)
@@ -89,7 +99,7 @@ def print_failures(failures: list[dict[str, str]]) -> None:
 
 
 @app.command()
-def prepare(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+def prepare(params: ParamsOption = None) -> None:
     """Build the embedded synthetic dataset, or import MVTec AD, KolektorSDD2 or a folder set."""
     run_stage(stages.prepare, params)
 
@@ -102,7 +112,7 @@ def validate(
     category: Annotated[
         str | None, typer.Option("--category", "-c", help="Category to check (default: every one of data.categories).")
     ] = None,
-    params: ParamsOption = DEFAULT_PARAMS_PATH,
+    params: ParamsOption = None,
 ) -> None:
     """Check a category's images with Great Expectations; exit 1 and list every bad file on failure."""
     with reported_errors():
@@ -119,19 +129,19 @@ def validate(
 
 
 @app.command()
-def distill(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+def distill(category: CategoryOption, params: ParamsOption = None) -> None:
     """Stage 1: asymmetric distillation of the student; writes models/<category>/student.pt (resumable)."""
     run_stage(stages.distill, params, category)
 
 
 @app.command()
-def psm(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+def psm(category: CategoryOption, params: ParamsOption = None) -> None:
     """Stage 2: train the Post-Segmentation Module through the WMB; writes models/<category>/psm.pt (resumable)."""
     run_stage(stages.psm, params, category)
 
 
 @app.command()
-def evaluate(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+def evaluate(category: CategoryOption, params: ParamsOption = None) -> None:
     """Choose thresholds on the validation split, compute test metrics, curves and heatmaps."""
     run_stage(stages.evaluate, params, category)
 
@@ -140,7 +150,7 @@ def evaluate(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PAT
 def export(
     category: CategoryOption,
     format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
-    params: ParamsOption = DEFAULT_PARAMS_PATH,
+    params: ParamsOption = None,
 ) -> None:
     """Export the category's deployable model to models/<category>/model.onnx (ONNX Runtime, no PyTorch)."""
     if format != "onnx":
@@ -150,7 +160,7 @@ def export(
 
 
 @app.command()
-def register(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+def register(category: CategoryOption, params: ParamsOption = None) -> None:
     """Log the category's MLflow run and register its model as adps-<category> (alias challenger)."""
     run_stage(stages.register, params, category)
 
@@ -159,7 +169,7 @@ def register(category: CategoryOption, params: ParamsOption = DEFAULT_PARAMS_PAT
 def promote(
     category: CategoryOption,
     version: Annotated[str, typer.Option("--version", "-v", help="Registered model version to make champion.")],
-    params: ParamsOption = DEFAULT_PARAMS_PATH,
+    params: ParamsOption = None,
 ) -> None:
     """Move the champion alias of adps-<category> to a version (as the MLflow UI does)."""
     run_stage(stages.promote, params, category, version)
@@ -175,7 +185,7 @@ def tune(
     apply: Annotated[
         bool, typer.Option("--apply", help="Write the best params into the params file and stop.")
     ] = False,
-    params: ParamsOption = DEFAULT_PARAMS_PATH,
+    params: ParamsOption = None,
 ) -> None:
     """Tune loss, learning-rate, score and threshold params with Optuna on the validation split."""
     from adps import tuning
@@ -188,7 +198,7 @@ def tune(
 
 
 @app.command()
-def report(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+def report(params: ParamsOption = None) -> None:
     """Print the per-category metrics table (from reports/metrics) and where to look next."""
     with reported_errors():
         rows = stages.summarize(load_params(params))
@@ -216,7 +226,7 @@ def mean_of(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def load_predictor(model: str, params_path: Path, device: str, runtime: str = "torch") -> Predictor:
+def load_predictor(model: str, params_path: Path | None, device: str, runtime: str = "torch") -> Predictor:
     """A model folder, or a registry URI ``models:/adps-<category>@champion`` (tracking URI from params)."""
     if runtime not in ("torch", "onnx"):
         raise AdpsError(f"unknown --runtime '{runtime}': use torch or onnx")
@@ -230,9 +240,15 @@ def load_predictor(model: str, params_path: Path, device: str, runtime: str = "t
         return Predictor.from_dir(Path(model), device)
     from adps import tracking
 
-    params = load_params(params_path) if params_path.is_file() else Params()
-    tracking.connect(params)
+    tracking.connect(registry_params(params_path), create=False)
     return tracking.load_registered_predictor(model).to(device)
+
+
+def registry_params(params_path: Path | None) -> Params:
+    """The params that say where the registry is: the project's, or none needed when MLFLOW_TRACKING_URI is set."""
+    if params_path is None and find_params() is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        return Params()
+    return load_params(params_path)
 
 
 @app.command()
@@ -250,15 +266,23 @@ def predict(
     runtime: Annotated[str, typer.Option(help="torch, or onnx (models/<category>/model.onnx in ONNX Runtime).")] = (
         "torch"
     ),
-    params: Annotated[Path, typer.Option("--params", "-p", help="Params file, for tracking.uri only.")] = (
-        DEFAULT_PARAMS_PATH
-    ),
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            "--params",
+            "-p",
+            help="Params file, for tracking.uri of a registry URI only [default: the project's params.yaml; not "
+            "needed for a model folder or with MLFLOW_TRACKING_URI set]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
     configure_logging()
     with reported_errors():
         predictor = load_predictor(model, params, device, runtime)
-        result = predict_to_folder(predictor, input, output, batch_size, sys.stderr.isatty(), save_maps)
+        model_dir = None if model.startswith("models:/") else Path(model)
+        result = predict_to_folder(predictor, input, output, batch_size, sys.stderr.isatty(), save_maps, model_dir)
     typer.echo(json.dumps(result, indent=2))
 
 

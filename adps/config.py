@@ -7,7 +7,9 @@ default.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from adps.errors import AdpsError
 
-DEFAULT_PARAMS_PATH = Path("params.yaml")
+PARAMS_FILE = "params.yaml"  # the project's params; its folder is the project root
 SYNTHETIC_CATEGORIES = ("fabric", "wood", "washer", "capsule")
 SYNTHETIC_DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "contamination")
 
@@ -238,8 +240,14 @@ class TuneParams(Section):
     @model_validator(mode="after")
     def _check_bounds(self) -> TuneParams:
         for key, dist in self.space.items():
-            if not isinstance(dist, CategoricalDistribution) and not dist.low < dist.high:
+            if isinstance(dist, CategoricalDistribution):
+                continue
+            if not dist.low < dist.high:
                 raise ValueError(f"tune.space.{key}: low must be below high (got {dist.low} and {dist.high})")
+            if dist.log and dist.low <= 0:
+                raise ValueError(
+                    f"tune.space.{key}: a log range must start above 0 (got low {dist.low}); set log: false"
+                )
         return self
 
 
@@ -290,11 +298,41 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_tune_values(self) -> Params:
+        """Every value a trial can draw must be valid for its target: both ends of a range (and a
+        fractional value of a float range, which an int target refuses), and every choice."""
+        base = self.model_dump(mode="json")
+        base["tune"]["space"] = {}
+        for key, dist in self.tune.space.items():
+            for label, value in probe_values(dist):
+                trial = copy.deepcopy(base)
+                set_dotted(trial, key, value)
+                try:
+                    Params.model_validate(trial)
+                except ValidationError as err:
+                    why = "; ".join(describe_error(e) for e in err.errors())
+                    raise ValueError(f"tune.space.{key}: {label} {value!r} cannot be used: {why}") from None
+        return self
+
+    @model_validator(mode="after")
     def _check_patch_geometry(self) -> Params:
         problem = patch_geometry_problem(self.data.image_size, self.model.patches, self.model.split_after)
         if problem:
             raise ValueError(problem)
         return self
+
+
+def probe_values(dist: FloatDistribution | IntDistribution | CategoricalDistribution) -> list[tuple[str, Any]]:
+    """(label, value) pairs a trial can draw that stand for all it can draw (see Params._check_tune_values)."""
+    if isinstance(dist, CategoricalDistribution):
+        return [("choice", choice) for choice in dist.choices]
+    probes: list[tuple[str, Any]] = [("low", dist.low), ("high", dist.high)]
+    if isinstance(dist, FloatDistribution):
+        middle = math.floor((dist.low + dist.high) / 2) + 0.5
+        probes.append(("a value", middle if dist.low < middle < dist.high else (dist.low + dist.high) / 2))
+    elif dist.low + 1 < dist.high:
+        probes.append(("a value", dist.low + 1))  # steps such as data.image_size's multiples of 32
+    return probes
 
 
 def patch_geometry_problem(image_size: int, k: int, split_after: tuple[int, ...]) -> str | None:
@@ -318,15 +356,38 @@ def patch_geometry_problem(image_size: int, k: int, split_after: tuple[int, ...]
     return None
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
-    """Load and validate a params file.
+def find_params(start: Path | None = None) -> Path | None:
+    """The project's params.yaml: in ``start`` (default: the working directory) or the nearest folder above it."""
+    start = (start or Path.cwd()).resolve()
+    return next((f / PARAMS_FILE for f in (start, *start.parents) if (f / PARAMS_FILE).is_file()), None)
+
+
+def params_path_or_project(path: Path | str | None) -> Path:
+    """``path`` when given, else the params.yaml of the project the working directory lies in.
+
+    Raises:
+        ParamsError: no path given and the working directory is in no project.
+    """
+    if path is not None:
+        return Path(path)
+    found = find_params()
+    if found is None:
+        raise ParamsError(
+            f"not in an ADPS project: no {PARAMS_FILE} in {Path.cwd()} or any folder above it. "
+            "Run the command inside the project, or pass --params PATH."
+        )
+    return found
+
+
+def load_params(path: Path | str | None = None) -> Params:
+    """Load and validate a params file (default: the project's, found from the working directory).
 
     Raises:
         ParamsError: the file is missing, is not YAML, or has unknown keys or bad values.
     """
-    path = Path(path)
+    path = params_path_or_project(path)
     if not path.is_file():
-        raise ParamsError(f"params file not found: {path}. Run from the project root or pass --params PATH.")
+        raise ParamsError(f"params file not found: {path}. Give the project's params.yaml with --params PATH.")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
@@ -364,7 +425,7 @@ def describe_error(error: dict[str, Any]) -> str:
         return f"unknown key '{key}'{hint}; allowed here: {', '.join(allowed)}"
     message = error["msg"].removeprefix("Value error, ")
     if isinstance(error.get("input"), dict):  # a whole-section check: the message names the keys
-        return message if key == "<root>" else f"{key}: {message}"
+        return message if key == "<root>" or message.startswith(f"{key}.") else f"{key}: {message}"
     return f"{key}: {message} (got {error.get('input')!r})"
 
 

@@ -234,24 +234,56 @@ def check_model_pair(folder: Path, checkpoint: dict[str, Any], thresholds: dict[
         )
 
 
-def collect_inputs(source: Path) -> list[Path]:
-    """A file, or every entry under a folder, recursively (hidden names skipped).
+def collect_inputs(source: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
+    """A file, or every entry under a folder, recursively (hidden names and the ``exclude`` folders skipped).
 
     Anything that is not a folder is listed, broken links and non-images included, so it gets a row
-    with its error; links to folders are not followed (a link loop cannot hang the walk).
+    with its error; links to folders are not followed (a link loop cannot hang the walk). ``exclude``:
+    this run's own output folders, when they lie inside the input (never read back as inputs).
     """
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise AdpsError(f"input not found: {source}")
+    skipped = {p.resolve() for p in exclude}
     found = []
     for root, dirs, files in os.walk(source, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in skipped)
         found += [Path(root) / name for name in sorted(files) if not name.startswith(".")]
         found += [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
     if not found:
         raise AdpsError(f"no files in {source}: give an image file or a folder of images.")
     return sorted(found)
+
+
+def check_folders(source: Path, output: Path, save_maps: Path | None, model_dir: Path | None) -> None:
+    """Outputs are replaced whole: what is read (input, model) may not lie inside them; maps nest only in the output.
+
+    An output inside the input folder is fine: it is skipped when the input is read.
+    """
+    outputs = [("--output", output.resolve())] + ([("--save-maps", save_maps.resolve())] if save_maps else [])
+    read = [("--input", source), ("--model", model_dir)]
+    for flag, target in outputs:
+        for what, path in read:
+            if path is not None and path.resolve().is_relative_to(target):
+                raise AdpsError(
+                    f"{what} {path} lies inside {flag} {target}, which `adps predict` replaces whole: "
+                    f"choose a {flag} folder outside it"
+                )
+    if (
+        save_maps is not None
+        and output.resolve().is_relative_to(save_maps.resolve())
+        and not nested_maps(output, save_maps)
+    ):
+        raise AdpsError(
+            f"--output {output} lies inside --save-maps {save_maps}: put the maps inside the output (e.g. "
+            f"--save-maps {output / 'maps'}) or in a folder of their own"
+        )
+
+
+def nested_maps(output: Path, save_maps: Path | None) -> bool:
+    """Whether the maps folder is the output folder or inside it (then it is built as part of the output)."""
+    return save_maps is not None and save_maps.resolve().is_relative_to(output.resolve())
 
 
 def predictions_csv(rows: list[dict[str, Any]]) -> str:
@@ -297,27 +329,36 @@ def predict_to_folder(
     batch_size: int = 16,
     progress: bool = False,
     save_maps: Path | None = None,
+    model_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Predict ``source`` (file or folder, recursively); write ``predictions.csv`` and ``heatmaps/<relative path>.png``.
 
     Images are decoded, scored and drawn one batch at a time. The output folder is built beside the
     target and swapped in when complete: it never mixes files of two runs. ``save_maps`` gets each raw
-    anomaly map as float32 ``<relative path>.npy`` (model resolution), for re-scoring elsewhere.
+    anomaly map as float32 ``<relative path>.npy`` (model resolution), for re-scoring elsewhere; it may
+    lie inside the output. Outputs inside the input are never read as inputs; an input or model
+    (``model_dir``) inside an output is refused before anything runs.
     """
     if batch_size < 1:
         raise AdpsError(f"--batch-size must be at least 1 (got {batch_size})")
-    inputs = collect_inputs(source)
+    check_folders(source, output, save_maps, model_dir)
+    inputs = collect_inputs(source, exclude=tuple(p for p in (output, save_maps) if p is not None))
     check_output(output)
-    if save_maps is not None:
+    nested = nested_maps(output, save_maps)
+    if save_maps is not None and not nested:
         check_output(save_maps, marker=MAPS_MARKER)
     summary: dict[str, Any] = {}
     job = PredictionJob(predictor, source, output, batch_size, progress)
 
     def build(tmp: Path, maps_tmp: Path | None = None) -> None:
+        if nested:
+            maps_tmp = tmp / save_maps.resolve().relative_to(output.resolve())
+            maps_tmp.mkdir(parents=True, exist_ok=True)
+            (maps_tmp / MAPS_MARKER).write_text("adps predict maps\n")
         summary.update(job.write(inputs, tmp, maps_tmp))
 
     with output_lock(output):
-        if save_maps is None:
+        if save_maps is None or nested:
             replace_dir_atomically(output, build)
         else:
             with output_lock(save_maps):

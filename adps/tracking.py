@@ -74,18 +74,33 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from err
 
 
-def connect(params: Params):
-    """Point MLflow at the tracking store and return a client."""
+def connect(params: Params, create: bool = True):
+    """Point MLflow at the tracking store and return a client.
+
+    ``create=False`` (reading the registry, promoting): a local sqlite store that does not exist is
+    an error, never a new empty database.
+    """
     import mlflow
 
     uri = tracking_uri(params)
     check_reachable(uri)
+    if not create:
+        check_store_exists(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if not uri.startswith("sqlite:///"):
         return mlflow.MlflowClient(uri)
     with waiting_lock(Path(uri.removeprefix("sqlite:///") + ".lock")):  # the first client creates the tables:
         return mlflow.MlflowClient(uri)  # one process at a time (e.g. tuning started on two hosts at once)
+
+
+def check_store_exists(uri: str) -> None:
+    """A local sqlite store must exist before anything is read from it."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise AdpsError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}: nothing is registered there. Run `adps register` "
+            "(or `make run`) in the project first, run the command inside the project, or set MLFLOW_TRACKING_URI."
+        )
 
 
 def use_experiment(params: Params) -> None:
@@ -237,7 +252,7 @@ def log_pyfunc(params: Params, category: str):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),
+        inputs=None,  # the model reads every request shape itself (adps/serving.py): MLflow would drop columns
         outputs=Schema(
             [
                 ColSpec("string", "name"),
@@ -385,7 +400,9 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
 MODEL_DESCRIPTION = """ADPS anomaly detector for product category **{category}** (Asymmetric Distillation
 Post-Segmentation, IEEE TNNLS 2024), trained and registered by the ADPS pipeline.
 
-**Input**, one row per image: column `image` = the image file's bytes, base64 (PNG, JPEG, TIFF, BMP).
+**Input**, one image per row: column `image` = the image file's bytes, base64 (PNG, JPEG, TIFF, BMP), in
+`dataframe_split` or `dataframe_records`, or a bare list of base64 strings as `instances` or `inputs`. Any
+other shape is answered with HTTP 400 saying what to send (never an empty answer).
 
 **Output** per image: `score`; `is_anomalous` (score >= the image threshold chosen on the validation
 split); `threshold`; `regions` (JSON list of connected regions above the pixel threshold: x, y, width,
@@ -468,7 +485,7 @@ def promote(params: Params, category: str, version: str) -> dict[str, Any]:
     """Move the ``champion`` alias of ``adps-<category>`` to ``version``."""
     from mlflow.exceptions import MlflowException
 
-    client = connect(params)
+    client = connect(params, create=False)
     name = model_name(category)
     try:
         client.get_model_version(name, version)

@@ -41,6 +41,7 @@ from adps.config import (
     nest_dotted,
     override_params,
     params_from_dict,
+    params_path_or_project,
     set_dotted,
 )
 from adps.data.splits import category_splits
@@ -421,10 +422,11 @@ def tune(params: Params, category: str, n_trials: int | None = None, workers: in
     return summarise_study(params, category, parent_id)
 
 
-def apply_best_params(params_path: Path, category: str) -> dict[str, Any]:
+def apply_best_params(params_path: Path | None, category: str) -> dict[str, Any]:
     """Write the category's best params into the params file, keeping its comments and layout."""
     from ruamel.yaml import YAML
 
+    params_path = params_path_or_project(params_path)
     params = load_params(params_path)
     best_file = paths.best_params_file(params, category)
     if not best_file.is_file():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -25,7 +24,7 @@ from prefect.runtime import task_run
 from prefect.states import Completed
 
 from adps import paths, stages
-from adps.config import DEFAULT_PARAMS_PATH, Params, load_params
+from adps.config import Params, load_params, params_path_or_project
 from adps.errors import AdpsError, ValidationFailed
 from adps.files import exclusive_lock
 from flows import versioning
@@ -176,14 +175,15 @@ def train_categories(params_path: str, categories: list[str], force: bool = Fals
 
 
 @flow(name="adps-pipeline", log_prints=True)
-def adps_pipeline(params_path: str = str(DEFAULT_PARAMS_PATH), force: bool = False) -> list[dict[str, Any]]:
+def adps_pipeline(params_path: str | None = None, force: bool = False) -> list[dict[str, Any]]:
     """Import new data, then validate, train, evaluate and register what changed; commit it to DVC.
 
     Args:
-        params_path: the params file; its folder is the project root (outputs, DVC, locks).
+        params_path: the params file; its folder is the project root (outputs, DVC, locks). Default:
+            the params.yaml of the project the working directory lies in.
         force: run every stage, even those DVC reports up to date.
     """
-    params_path = str(Path(params_path).resolve())
+    params_path = str(params_path_or_project(params_path).resolve())
     params = load_params(params_path)
     busy = "another adps-pipeline run is working on this project; this one starts nothing"
     with exclusive_lock(paths.pipeline_lock(params), busy):

@@ -10,7 +10,7 @@ import argparse
 
 from prefect import serve
 
-from adps.config import DEFAULT_PARAMS_PATH, load_params
+from adps.config import load_params, params_path_or_project
 from flows.pipeline import adps_pipeline
 from flows.tune import adps_tune
 
@@ -34,8 +34,8 @@ def deployments(params_path: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS_PATH))
-    serve(*deployments(parser.parse_args().params))
+    parser.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
+    serve(*deployments(str(params_path_or_project(parser.parse_args().params).resolve())))
 
 
 if __name__ == "__main__":

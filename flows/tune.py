@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from adps import tuning
-from adps.config import DEFAULT_PARAMS_PATH, load_params
+from adps.config import load_params, params_path_or_project
 
 
 @task(name="tune", cache_policy=NO_CACHE)
@@ -20,10 +20,10 @@ def tune_task(params_path: str, category: str, trials: int | None, workers: int)
 
 @flow(name="adps-tune", log_prints=True)
 def adps_tune(
-    category: str, params_path: str = str(DEFAULT_PARAMS_PATH), trials: int | None = None, workers: int = 1
+    category: str, params_path: str | None = None, trials: int | None = None, workers: int = 1
 ) -> dict[str, Any]:
     """Add ``trials`` trials to the category's study; publish the best params as an artifact."""
-    result = tune_task(params_path, category, trials, workers)
+    result = tune_task(str(params_path_or_project(params_path).resolve()), category, trials, workers)
     lines = "\n".join(f"| `{k}` | {v} |" for k, v in result["best_params"].items())
     create_markdown_artifact(
         key=f"tuning-{category}".lower().replace("_", "-"),

@@ -50,6 +50,21 @@ def test_second_repro_is_a_noop_and_status_is_clean(dvc_project):
     assert "up to date" in run(["dvc", "status"], root, env)
 
 
+def test_a_change_to_the_scorer_makes_evaluate_stale(dvc_project):
+    """The scorer lives in adps/model: evaluate@C must rerun when it changes, even if training gives the same bytes."""
+    root, env, _ = dvc_project
+    scorer = root / "adps/model/adps.py"
+    original = scorer.read_text()
+    scorer.write_text(original + "\n# a changed scorer\n")
+    try:
+        status = json.loads(run(["dvc", "status", "--json", "evaluate@washer"], root, env).splitlines()[-1])
+    finally:
+        scorer.write_text(original)
+    changed = [d for entry in status["evaluate@washer"] for d in entry.get("changed deps", {})]
+    assert "adps/model/adps.py" in changed
+    assert "up to date" in run(["dvc", "status"], root, env)
+
+
 def test_push_pull_round_trip(dvc_project, tmp_path):
     root, env, _ = dvc_project
     run(["dvc", "remote", "add", "-f", "-d", "scratch", str(tmp_path / "remote")], root, env)

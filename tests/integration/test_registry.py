@@ -82,6 +82,39 @@ def test_pyfunc_loaded_by_alias_predicts_the_checkpoint_scores(store):
             assert 0 <= region["x"] < 64 and region["area"] <= region["width"] * region["height"]
 
 
+def test_served_model_answers_every_accepted_shape_and_refuses_the_others(store):
+    """One answer per image sent, whatever accepted shape carries them; any other shape is an error that says so."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    stages.register(tiny_params(), "washer")
+    images = sorted(paths.category_dir(tiny_params(), "washer").glob("test/*/000.png"))[:2]
+    local = [r.score for r in Predictor.from_dir(paths.model_dir(tiny_params(), "washer")).predict_paths(images)]
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
+    model = mlflow.pyfunc.load_model("models:/adps-washer@champion")
+    shapes = {
+        "frame": pd.DataFrame({"image": encoded}),
+        "frame with an extra column": pd.DataFrame({"image": encoded, "station": ["a", "b"]}),
+        "bare list": encoded,
+        "series": pd.Series(encoded),
+        "mapping": {"image": encoded},
+        "records": [{"image": e} for e in encoded],
+    }
+    for shape, request in shapes.items():
+        answer = model.predict(request)
+        assert len(answer) == 2 and answer["error"].eq("").all(), shape
+        np.testing.assert_allclose(answer["score"], local, rtol=1e-6, err_msg=shape)
+    for shape, request in {
+        "other column name": pd.DataFrame({"img": encoded}),
+        "no rows": pd.DataFrame({"image": []}),
+        "numbers": [1, 2],
+    }.items():
+        with pytest.raises(MlflowException, match=r"expected one image per row: column 'image'") as err:
+            model.predict(request)
+        assert err.value.get_http_status_code() == 400, shape
+
+
 def test_served_model_opens_no_path_unless_allowed(store, monkeypatch, tmp_path):
     import mlflow.pyfunc
     import pandas as pd
