@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import project_env, run, write_params
 from tests.e2e.test_nightly_deployment import free_port
@@ -23,8 +26,11 @@ pytestmark = pytest.mark.slow
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.status, json.load(response)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
 
 
 def test_served_champion_answers_images_like_adps_predict(trained_project, tmp_path):
@@ -67,6 +73,29 @@ def test_served_champion_answers_images_like_adps_predict(trained_project, tmp_p
             assert row["error"] == "" and row["score"] == pytest.approx(float(local[path]["score"]), rel=1e-5)
             assert str(row["is_anomalous"]) == local[path]["is_anomalous"]
             assert isinstance(json.loads(row["regions"]), list)
+        encoded = [row[0] for row in rows[:2]]
+        for shape in (
+            {"instances": encoded},
+            {"inputs": encoded},
+            {"dataframe_records": [{"image": e} for e in encoded]},
+            {"instances": [{"image": e} for e in encoded]},
+        ):
+            status, body = post(f"http://127.0.0.1:{port}/invocations", shape)
+            assert status == 200 and [r["score"] for r in body["predictions"]] == [r["score"] for r in served[:2]]
+        for shape in ({"dataframe_split": {"columns": ["img"], "data": [[encoded[0]]]}}, {"instances": [1, 2]}):
+            status, body = post(f"http://127.0.0.1:{port}/invocations", shape)
+            assert status == 400 and "expected one image per row: column 'image'" in body["message"], body
+
+        upright = Image.open(images[0])
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored turned a quarter left, shown upright by every viewer
+        buffer = io.BytesIO()
+        upright.transpose(Image.Transpose.ROTATE_90).save(buffer, "PNG", exif=exif)
+        _, body = post(
+            f"http://127.0.0.1:{port}/invocations", {"instances": [base64.b64encode(buffer.getvalue()).decode()]}
+        )
+        assert body["predictions"][0]["score"] == served[0]["score"]
+
         _, refused = post(
             f"http://127.0.0.1:{port}/invocations",
             {"dataframe_split": {"columns": ["path"], "data": [["/etc/shadow"]]}},

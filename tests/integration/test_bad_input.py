@@ -121,6 +121,65 @@ def test_rerun_replaces_the_whole_output_folder_and_a_busy_folder_is_refused(mod
     assert set(read_rows(out)) == {"good.png"}
 
 
+def test_a_sideways_phone_image_scores_like_the_upright_one(model_copy, images, tmp_path):
+    """Stored turned a quarter left with EXIF orientation 6: every viewer shows it upright, and so does predict."""
+    upright = Image.open(images / "good.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(images / "phone.png", exif=exif)
+    upright.transpose(Image.Transpose.ROTATE_90).save(images / "untagged.png")  # the same pixels, no tag
+    predict_to_folder(Predictor.from_dir(model_copy, "cpu"), images, tmp_path / "out")
+    rows = read_rows(tmp_path / "out")
+    assert rows["phone.png"]["score"] == rows["good.png"]["score"]
+    assert rows["untagged.png"]["score"] != rows["good.png"]["score"]  # the tag is what turns it
+
+
+def test_predict_never_reads_its_own_output(model_copy, images, tmp_path):
+    """Output (and maps) inside the input folder, run twice: the second run scores the same two images."""
+    predictor = Predictor.from_dir(model_copy, "cpu")
+    shutil.copy(images / "good.png", images / "other.png")
+    runs = []
+    for _ in range(2):
+        result = predict_to_folder(predictor, images, images / "preds", save_maps=images / "preds" / "maps")
+        assert (result["n_images"], result["n_unreadable"]) == (2, 0)
+        runs.append(read_rows(images / "preds"))
+    assert set(runs[1]) == {"good.png", "other.png"} and runs[0] == runs[1]
+    assert sorted(p.name for p in (images / "preds" / "maps").rglob("*.npy")) == ["good.png.npy", "other.png.npy"]
+    assert predict_to_folder(predictor, images, images / "preds", save_maps=images / "maps")["n_images"] == 2
+    with pytest.raises(AdpsError, match=r"--input \S+ lies inside --output .*replaces whole"):
+        predict_to_folder(predictor, images / "preds" / "heatmaps", images / "preds")
+    shutil.copytree(model_copy, tmp_path / "o" / "washer")
+    with pytest.raises(AdpsError, match=r"--model \S+ lies inside --output"):
+        predict_to_folder(predictor, images, tmp_path / "o", model_dir=tmp_path / "o" / "washer")
+    with pytest.raises(AdpsError, match=r"--output \S+ lies inside --save-maps"):
+        predict_to_folder(predictor, images, tmp_path / "maps" / "out", save_maps=tmp_path / "maps")
+    assert sorted(p.name for p in (tmp_path / "o" / "washer").iterdir()) == ["psm.pt", "student.pt", "thresholds.json"]
+
+
+def test_commands_find_their_project_from_a_subfolder_and_create_nothing_elsewhere(trained_project, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(trained_project[0], root)
+    write_params(root, data={"categories": ["washer"], "image_size": 64})
+    subfolder = root / "models"
+    champion = ["predict", "-m", "models:/adps-washer@champion", "-i", "../data/synthetic/washer/test/good"]
+    no_store = adps(*champion, "-o", "../preds", cwd=subfolder)
+    assert_user_error(no_store, f"no MLflow store at {root / 'mlflow.db'}", "adps register")
+    assert not (subfolder / "mlflow.db").exists() and not (root / "mlflow.db").exists()
+    assert adps("register", "-c", "washer", cwd=root).returncode == 0
+    served = adps(*champion, "-o", "../preds", cwd=subfolder)
+    assert served.returncode == 0, served.stderr
+    assert json.loads(served.stdout)["n_images"] == 2 and not (subfolder / "mlflow.db").exists()
+    assert "washer" in adps("report", cwd=subfolder).stdout
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    assert_user_error(adps(*champion, "-o", "preds", cwd=outside), "not in an ADPS project", "--params")
+    assert_user_error(adps("validate", cwd=outside), "not in an ADPS project")
+    assert list(outside.iterdir()) == []
+    local = adps("predict", "-m", str(root / "models/washer"), "-i", str(root / "data/synthetic/washer/test/good"),
+                 "-o", "preds", cwd=outside)  # fmt: skip
+    assert local.returncode == 0, local.stderr  # a model folder needs no project
+
+
 def test_predict_output_and_option_errors_come_before_any_scoring(trained_project, images, tmp_path):
     root, _ = trained_project
     model = str(root / "models/washer")

@@ -72,3 +72,40 @@ def test_invalid_yaml_names_the_file(tmp_path: Path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ParamsError, match="p.yaml is not valid YAML"):
         load_params(bad)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"loss.push_weight": {"type": "float", "low": 0.0, "high": 3.0, "log": True}},
+            "tune.space.loss.push_weight: a log range must start above 0 (got low 0.0)",
+        ),
+        (
+            {"score.topk": {"type": "float", "low": 10, "high": 100}},  # a trial would draw 55.5 for an int
+            "tune.space.score.topk: a value 55.5 cannot be used: score.topk: Input should be a valid integer",
+        ),
+        (
+            {"score.method": {"type": "categorical", "choices": ["max", "mean"]}},
+            "tune.space.score.method: choice 'mean' cannot be used: score.method: Input should be 'max' or 'topk'",
+        ),
+        (
+            {"loss.focal_alpha": {"type": "float", "low": 0.1, "high": 1.5}},  # focal alpha lies in (0, 1)
+            "tune.space.loss.focal_alpha: high 1.5 cannot be used: loss.focal_alpha: Input should be less than 1",
+        ),
+        (
+            {"data.image_size": {"type": "int", "low": 64, "high": 256}},  # only multiples of 32
+            "tune.space.data.image_size: a value 65 cannot be used: data.image_size: Input should be a multiple of 32",
+        ),
+    ],
+)
+def test_a_search_space_that_cannot_run_fails_at_load_naming_the_key(entry, message):
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["tune"]["space"] = entry
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_the_shipped_search_space_passes_the_same_checks():
+    assert len(load_params(REPO_ROOT / "params.yaml").tune.space) == 12
