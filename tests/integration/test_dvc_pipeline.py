@@ -6,6 +6,7 @@ import filecmp
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -61,7 +62,7 @@ def test_a_change_to_the_scorer_makes_evaluate_stale(dvc_project):
     finally:
         scorer.write_text(original)
     changed = [d for entry in status["evaluate@washer"] for d in entry.get("changed deps", {})]
-    assert "adps/model/adps.py" in changed
+    assert any(Path("adps/model/adps.py").is_relative_to(dep) for dep in changed), changed  # DVC names the folder
     assert "up to date" in run(["dvc", "status"], root, env)
 
 

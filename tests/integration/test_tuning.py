@@ -8,7 +8,7 @@ import yaml
 from mlflow import MlflowClient
 
 from adps import paths, tuning
-from adps.config import override_params
+from adps.config import ParamsError, override_params
 from adps.errors import AdpsError
 from adps.tuning import apply_best_params, load_study
 from tests.conftest import REPO_ROOT, tiny_params
@@ -106,8 +106,10 @@ def test_pruner_stops_a_deliberately_bad_trial(tuning_project, tmp_path):
 
 
 def test_failing_trial_is_recorded_as_failed(tuning_project, tmp_path):
-    space = {**SPACE, "model.patches": {"type": "categorical", "choices": [3]}}  # impossible geometry
-    params = tune_params(tmp_path, space=space, study_name="fail")
+    with pytest.raises(ParamsError, match=r"tune.space.model.patches: choice 3 cannot be used"):  # caught at load
+        tune_params(tmp_path, space={**SPACE, "model.patches": {"type": "categorical", "choices": [3]}})
+    never_anomalous = {"type": "categorical", "choices": [0.999]}  # valid, but no synthetic anomaly is ever drawn
+    params = tune_params(tmp_path, space={**SPACE, "synthesis.perlin_threshold": never_anomalous}, study_name="fail")
     with pytest.raises(AdpsError, match="no completed trial"):
         tuning.tune(params, "washer", n_trials=1)
     assert load_study(params, "washer").trials[0].state == optuna.trial.TrialState.FAIL
