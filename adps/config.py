@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PrivateAttr, ValidationError, model_validator
 
 from adps.errors import AdpsError
 
@@ -198,8 +198,8 @@ class ScheduleParams(Section):
 
 class FloatDistribution(Section):
     type: Literal["float"]
-    low: float
-    high: float
+    low: FiniteFloat
+    high: FiniteFloat
     log: bool = False
 
 
@@ -295,6 +295,12 @@ class Params(Section):
             close = {k: difflib.get_close_matches(k, tunable, n=1) for k in unknown}
             hints = ", ".join(f"'{k}'" + (f" (did you mean '{c[0]}'?)" if c else "") for k, c in close.items())
             raise ValueError(f"tune.space names parameters that do not exist: {hints}")
+        fixed = {key: why for key in self.tune.space if (why := not_tunable(key))}
+        if fixed:
+            raise ValueError(
+                "tune.space names parameters a trial cannot tune: "
+                + "; ".join(f"'{key}' ({why})" for key, why in fixed.items())
+            )
         return self
 
     @model_validator(mode="after")
@@ -320,6 +326,27 @@ class Params(Section):
         if problem:
             raise ValueError(problem)
         return self
+
+
+NOT_TUNABLE = {  # key prefix -> why a trial cannot tune it
+    "train.distill.epochs": "every trial trains tune.budget.distill_epochs",
+    "train.psm.epochs": "every trial trains tune.budget.psm_epochs",
+    "runtime.": "runtime settings are not hyperparameters",
+    "data.source": "a study tunes on one dataset",
+    "data.categories": "a study tunes one category",
+    "data.import_path": "a study tunes on one dataset",
+    "data.folder.": "a study tunes on one dataset",
+    "synthetic.": "the embedded dataset is made by `adps prepare`, not by a trial",
+    "validation.": "dataset checks do not run in a trial",
+    "tracking.": "not part of a trial's result",
+    "registry.": "not part of a trial's result",
+    "schedule.": "not part of a trial's result",
+}
+
+
+def not_tunable(key: str) -> str | None:
+    """Why ``key`` cannot be in ``tune.space`` (a trial overrides it, or it changes nothing a trial measures)."""
+    return next((why for prefix, why in NOT_TUNABLE.items() if key == prefix or key.startswith(prefix)), None)
 
 
 def probe_values(dist: FloatDistribution | IntDistribution | CategoricalDistribution) -> list[tuple[str, Any]]:
@@ -356,6 +383,24 @@ def patch_geometry_problem(image_size: int, k: int, split_after: tuple[int, ...]
     return None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (else the last one wins in silence)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is written twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
+
+
 def find_params(start: Path | None = None) -> Path | None:
     """The project's params.yaml: in ``start`` (default: the working directory) or the nearest folder above it."""
     start = (start or Path.cwd()).resolve()
@@ -389,7 +434,7 @@ def load_params(path: Path | str | None = None) -> Params:
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}. Give the project's params.yaml with --params PATH.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except UnicodeDecodeError as err:
         raise ParamsError(f"{path} is not UTF-8 text ({err}); save it as UTF-8.") from err
     except yaml.YAMLError as err:

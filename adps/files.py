@@ -110,13 +110,18 @@ def replace_dir_atomically(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def same_tree(a: Path, b: Path) -> bool:
-    """Whether two folders hold the same relative file paths with the same bytes."""
+    """Whether two folders hold the same relative file paths with the same bytes (links: the same target)."""
 
     def files(root: Path) -> list[Path]:
-        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+    def same(x: Path, y: Path) -> bool:
+        if x.is_symlink() or y.is_symlink():
+            return x.is_symlink() and y.is_symlink() and os.readlink(x) == os.readlink(y)
+        return filecmp.cmp(x, y, shallow=False)
 
     listing = files(a)
-    return listing == files(b) and all(filecmp.cmp(a / rel, b / rel, shallow=False) for rel in listing)
+    return listing == files(b) and all(same(a / rel, b / rel) for rel in listing)
 
 
 def refresh_dir(target: Path, build: Callable[[Path], None]) -> bool:

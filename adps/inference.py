@@ -246,14 +246,24 @@ def collect_inputs(source: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
     if not source.is_dir():
         raise AdpsError(f"input not found: {source}")
     skipped = {p.resolve() for p in exclude}
+
+    def read(folder: Path) -> bool:
+        return not folder.name.startswith(".") and folder.resolve() not in skipped and not is_output(folder)
+
     found = []
     for root, dirs, files in os.walk(source, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in skipped)
+        dirs[:] = sorted(d for d in dirs if read(Path(root) / d))
         found += [Path(root) / name for name in sorted(files) if not name.startswith(".")]
         found += [Path(root) / d for d in dirs if (Path(root) / d).is_symlink()]
     if not found:
         raise AdpsError(f"no files in {source}: give an image file or a folder of images.")
     return sorted(found)
+
+
+def is_output(folder: Path) -> bool:
+    """Whether a folder was written by ``adps predict`` (predictions or maps): never read back as input."""
+    markers = (folder / OUTPUT_MARKER).is_file() or (folder / MAPS_MARKER).is_file()
+    return markers or ((folder / "predictions.csv").is_file() and (folder / "heatmaps").is_dir())  # older outputs
 
 
 def check_folders(source: Path, output: Path, save_maps: Path | None, model_dir: Path | None) -> None:
@@ -301,6 +311,8 @@ def output_name(path: Path, source: Path) -> Path:
 
 def check_output(output: Path, marker: str = "predictions.csv") -> None:
     """Fail before any scoring when an output folder cannot be (re)written (``marker``: a file only we write)."""
+    if output.is_symlink():
+        raise AdpsError(f"output {output} is a symbolic link: give a real folder (it is replaced whole).")
     if output.exists() and not output.is_dir():
         raise AdpsError(f"output {output} is a file: give a folder.")
     if output.is_dir() and any(output.iterdir()) and not (output / marker).is_file():
@@ -351,6 +363,7 @@ def predict_to_folder(
     job = PredictionJob(predictor, source, output, batch_size, progress)
 
     def build(tmp: Path, maps_tmp: Path | None = None) -> None:
+        (tmp / OUTPUT_MARKER).write_text("adps predict output\n")
         if nested:
             maps_tmp = tmp / save_maps.resolve().relative_to(output.resolve())
             maps_tmp.mkdir(parents=True, exist_ok=True)
@@ -373,6 +386,7 @@ def predict_to_folder(
 
 
 MAPS_MARKER = ".adps-maps"
+OUTPUT_MARKER = ".adps-predictions"
 
 
 @dataclass

@@ -62,9 +62,16 @@ def request_rows(model_input: Any) -> list[dict[str, Any]]:
     columns = [c for c in INPUT_COLUMNS if c in frame.columns]
     if not columns:
         raise RequestShapeError(f"columns {[str(c) for c in frame.columns]}")
+    if frame.columns.duplicated().any():
+        raise RequestShapeError(f"a column named twice ({[str(c) for c in frame.columns]})")
     if frame.empty:
         raise RequestShapeError("no image (zero rows)")
-    return frame[columns].to_dict("records")
+    return [{k: scalar(v) for k, v in row.items()} for row in frame[columns].to_dict("records")]
+
+
+def scalar(value: Any) -> Any:
+    """A cell as a plain value (MLflow hands ``inputs`` records over as 0-d numpy arrays)."""
+    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
 
 
 def request_frame(model_input: Any) -> pd.DataFrame:
@@ -81,8 +88,8 @@ def request_frame(model_input: Any) -> pd.DataFrame:
         values = values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
         if values.ndim == 1 and len(values) and all(isinstance(v, dict) for v in values):
             return pd.DataFrame(list(values))
-        if values.ndim == 1 and all(isinstance(v, str) for v in values):
-            return pd.DataFrame({"image": values})
+        if values.ndim == 1 and all(isinstance(v, str) or v is None for v in values):
+            return pd.DataFrame({"image": values})  # a None gets its own row error
         raise RequestShapeError(f"a list whose items are not base64 strings (shape {values.shape})")
     raise RequestShapeError(type(model_input).__name__)
 
@@ -97,7 +104,7 @@ def row_source(index: int, row: dict[str, Any], root: Path | None) -> ImageSourc
     image, path = row.get("image"), row.get("path")
     if isinstance(image, str) and image:
         try:
-            return ImageSource(f"row {index}", data=base64.b64decode(image, validate=True))
+            return ImageSource(f"row {index}", data=base64.b64decode(base64_text(image), validate=True))
         except (binascii.Error, ValueError) as err:
             return ImageSource(f"row {index}", error=f"column 'image' is not valid base64: {err}")
     if isinstance(path, str) and path:
@@ -106,6 +113,13 @@ def row_source(index: int, row: dict[str, Any], root: Path | None) -> ImageSourc
         except AdpsError as err:
             return ImageSource(path, error=str(err))
     return ImageSource(f"row {index}", error="give the image as base64 text in column 'image'")
+
+
+def base64_text(value: str) -> str:
+    """The base64 part of a value, without line breaks (MIME-style output) or a ``data:...;base64,`` prefix."""
+    if value.startswith("data:") and ";base64," in value[:200]:
+        value = value.split(";base64,", 1)[1]
+    return "".join(value.split())
 
 
 def map_png(anomaly_map: np.ndarray) -> str:

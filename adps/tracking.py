@@ -75,6 +75,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def connect(params: Params, create: bool = True):
+    """Point MLflow at the tracking store and return a client (see :func:`open_client`)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return open_client(params, create)
+    except MlflowException as err:
+        raise AdpsError(f"cannot use the MLflow store {tracking_uri(params)}: {err.message}") from err
+
+
+def open_client(params: Params, create: bool = True):
     """Point MLflow at the tracking store and return a client.
 
     ``create=False`` (reading the registry, promoting): a local sqlite store that does not exist is
@@ -127,9 +137,44 @@ def file_md5(path: Path) -> str:
 
 
 def model_hash(params: Params, category: str) -> str:
-    """Identity of a deployable model: its weights and thresholds."""
+    """Identity of a deployable model: its weights, its thresholds and the code that serves them.
+
+    The code counts because the registered model bundles it: a change to how images are read or
+    scored must register a new version, not leave the old code serving under the old one.
+    """
     parts = [file_md5(paths.psm_checkpoint(params, category)), file_md5(paths.thresholds_file(params, category))]
-    return hashlib.sha256("".join(parts).encode()).hexdigest()[:32]
+    return hashlib.sha256("".join([*parts, served_code_digest()]).encode()).hexdigest()[:32]
+
+
+PACKAGE_DIR = Path(__file__).parent
+PACKAGE_DATA = ("telemetry.env",)  # read by adps/__init__.py at import
+
+
+def served_code() -> list[Path]:
+    """The package files the served model runs: serving.py, every ``adps`` module it imports (at any depth,
+    in functions too) with their packages' ``__init__.py``, and the package data they read; sorted."""
+    from modulefinder import ModuleFinder
+
+    finder = ModuleFinder(path=[str(PACKAGE_DIR.parent)])  # only the project: nothing else is scanned
+    finder.run_script(str(SERVING_CODE))
+    files = {Path(m.__file__) for name, m in finder.modules.items() if name.split(".")[0] == "adps" and m.__file__}
+    return sorted(files | {SERVING_CODE} | {PACKAGE_DIR / name for name in PACKAGE_DATA})
+
+
+def served_code_digest() -> str:
+    digest = hashlib.sha256()
+    for path in served_code():
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def bundle_code(folder: Path) -> Path:
+    """Copy :func:`served_code` into ``folder/adps`` (the package tree the model loads); returns that folder."""
+    target = folder / PACKAGE_DIR.name
+    for path in served_code():
+        (target / path.relative_to(PACKAGE_DIR)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / path.relative_to(PACKAGE_DIR))
+    return target
 
 
 def git_tags(root: Path) -> dict[str, str]:
@@ -280,7 +325,7 @@ def log_pyfunc(params: Params, category: str):
             name="model",
             python_model=str(SERVING_CODE),
             artifacts={"model_dir": str(bundle)},
-            code_paths=[str(Path(__file__).parent)],
+            code_paths=[str(bundle_code(Path(tmp) / "code"))],
             signature=signature,
             pip_requirements=PIP_REQUIREMENTS,
         )

@@ -14,8 +14,9 @@ their pixels are. What a file says about itself is obeyed, or the file is refuse
 - **transparency**: an image or mask with any pixel not fully opaque is refused (how it looks depends
   on the background it is shown on); a fully opaque alpha channel is dropped;
 - **frames**: a file with several frames or pages (multi-page TIFF, animated GIF) is refused;
-- **value range**: 8-bit 0..255, 16-bit 0..65535, 32-bit integers up to 65535, float in [0, 1]
-  (else as 0..255, or as 0..65535 above 255); non-finite, negative or larger values are refused.
+- **value range**: 8-bit 0..255, 16-bit 0..65535; 32-bit samples as 0..255 when they all fit, else as
+  0..65535 (floats all in [0, 1] as 0..1); non-finite, negative or larger values are refused. A 16-bit
+  colour PNG with few significant bits stored unscaled is refused (only its high byte can be read).
 
 A mask pixel is defect when its value is non-zero (any channel, after palette expansion); validation
 separately requires masks to be binary, whatever the source (see :mod:`adps.data.validation`).
@@ -54,6 +55,10 @@ BITS_PER_MODE = {  # every mode a file may decode to, with its bits per sample; 
     "I": 32,
     "F": 32,
 }
+FLATTEN = (
+    "how the image looks depends on the background it is shown on; flatten it onto the background your "
+    "camera sees and save it without alpha"
+)
 UNSIGNED_16 = ("I;16", "I;16B", "I;16L", "I;16N")
 ORIENTATION_TAG = 0x0112
 TRANSPOSE_FOR_ORIENTATION = {  # as Pillow's ImageOps.exif_transpose, applied after the samples are native
@@ -102,10 +107,14 @@ def decode_image(source: Source, name: str | None = None, what: str = "image") -
             img.load()
             mode = file_mode(img)
             orientation = img.getexif().get(ORIENTATION_TAG, 1)
-            bits = png_significant_bits(source) if img.format == "PNG" and mode == "I;16" else None
+            depth, bits = png_depth_and_bits(source) if img.format == "PNG" else (None, None)
             pixels = upright(opaque(expand_palette(native_byte_order(img))), orientation)
+            check_high_byte_only(pixels, depth, bits)
             icc = img.info.get("icc_profile") or None
-            return DecodedImage(pixels, mode, BITS_PER_MODE[mode], full_scale(pixels, bits), icc)
+            bit_depth = 16 if depth == 16 else BITS_PER_MODE[mode]
+            return DecodedImage(pixels, mode, bit_depth, full_scale(pixels, bits), icc)
+    except Image.UnidentifiedImageError as err:
+        raise ImageReadError(f"cannot read {what} {name or source}: not an image file of a known format") from err
     except READ_ERRORS as err:
         raise ImageReadError(f"cannot read {what} {name or source}: {err}") from err
 
@@ -148,11 +157,17 @@ def upright(img: Image.Image, orientation: int) -> Image.Image:
 
 
 def expand_palette(img: Image.Image) -> Image.Image:
-    """Palette images as their colours (with alpha when the palette or a colour key has transparency)."""
+    """Palette images as their colours (with alpha when the palette or a colour key has transparency).
+
+    A colour key on 16-bit or 32-bit samples (PNG ``tRNS``) is refused when any pixel matches it.
+    """
     if img.mode in ("P", "PA"):
         return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
     if img.mode in ("L", "RGB") and "transparency" in img.info:  # a tRNS colour key
         return img.convert("LA" if img.mode == "L" else "RGBA")
+    key = img.info.get("transparency")
+    if img.mode in ("I;16", "I") and isinstance(key, int) and (keyed := int((np.asarray(img) == key).sum())):
+        raise ValueError(f"{keyed} pixels are transparent (colour key {key}): {FLATTEN}")
     return img
 
 
@@ -162,15 +177,16 @@ def opaque(img: Image.Image) -> Image.Image:
         return img
     see_through = int((np.asarray(img.getchannel("A")) < 255).sum())
     if see_through:
-        raise ValueError(
-            f"{see_through} pixels are transparent (alpha < 255): how the image looks depends on the background "
-            "it is shown on; flatten it onto the background your camera sees and save it without alpha"
-        )
+        raise ValueError(f"{see_through} pixels are transparent (alpha < 255): {FLATTEN}")
     return img.convert("RGB" if img.mode in ("RGBA", "RGBa") else "L")
 
 
-def png_significant_bits(source: Source) -> int | None:
-    """The ``sBIT`` value of a 16-bit PNG (largest over channels), read from its chunks before IDAT; None if absent."""
+def png_depth_and_bits(source: Source) -> tuple[int | None, int | None]:
+    """A PNG's sample depth (IHDR) and the significant bits its ``sBIT`` chunk declares (largest over channels).
+
+    Read from the chunks before the image data; (None, None) when they cannot be read.
+    """
+    depth = bits = None
     with contextlib.ExitStack() as stack:
         if isinstance(source, Path | str):
             stream = stack.enter_context(open(source, "rb"))
@@ -178,18 +194,32 @@ def png_significant_bits(source: Source) -> int | None:
             stream = source
             stream.seek(0)
         stream.read(8)  # signature
-        depth = None
         while len(header := stream.read(8)) == 8:
             length, kind = struct.unpack(">I4s", header)
             if kind in (b"IDAT", b"IEND"):
-                return None
+                break
             data = stream.read(length)
             stream.read(4)  # CRC
             if kind == b"IHDR" and len(data) >= 9:
                 depth = data[8]
-            elif kind == b"sBIT" and depth == 16 and data:
-                return max(data)
-    return None
+            elif kind == b"sBIT" and data:
+                bits = max(data)
+    return depth, bits if depth == 16 else None
+
+
+def check_high_byte_only(img: Image.Image, depth: int | None, bits: int | None) -> None:
+    """Refuse a 16-bit colour PNG whose few significant bits are stored unscaled.
+
+    The reader gets 16-bit colour as its high byte, which is right for data scaled to 16 bits (the PNG
+    rule) but all but black for, say, 12-bit camera values stored as they are.
+    """
+    if depth != 16 or not bits or bits >= 16 or img.mode != "RGB":
+        return
+    if int(np.asarray(img).max()) <= (2**bits - 1) >> 8:
+        raise ValueError(
+            f"16-bit colour with {bits} significant bits stored unscaled: only its high byte would be read (all "
+            "but black); save it as 8-bit colour, as 16-bit grayscale, or scaled to 16 bits"
+        )
 
 
 def full_scale(img: Image.Image, declared_bits: int | None) -> float:
@@ -206,7 +236,7 @@ def full_scale(img: Image.Image, declared_bits: int | None) -> float:
         return float(2**declared_bits - 1)  # unscaled camera data (e.g. 12 significant bits in 16)
     if img.mode == "F" and top <= 1.0:
         return 1.0
-    if img.mode == "F" and top <= 255.0:
+    if img.mode in ("F", "I") and top <= 255.0:  # 32-bit samples holding 8-bit values
         return 255.0
     return 65535.0
 

@@ -28,7 +28,7 @@ from adps.errors import DatasetError, ImageReadError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 GOOD = "good"
 MASK_SUFFIX = "_mask"
 NOT_IMPORTED = "not_imported.csv"  # in a category folder: the source files its import left out, and why
@@ -84,6 +84,13 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def usable(paths: list[Path]) -> tuple[list[Path], list[Skipped]]:
+    """Source files that can be taken, and the broken links among them (named, blocking)."""
+    broken = [p for p in paths if not p.exists()]
+    reason = "a link to a file that does not exist"
+    return [p for p in paths if p.exists()], [Skipped(p, reason, True) for p in broken]
 
 
 def left_out(folder: Path, taken: list[Path]) -> list[Skipped]:
@@ -195,8 +202,12 @@ def why_unused(category_dir: Path, path: Path) -> str:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` (no extra disk), copying when linking is not possible."""
+    """Hard-link the file ``src`` is (links followed) to ``dst`` (no extra disk), copying when linking is not possible.
+
+    The dataset never holds a symbolic link: its files stand without the source folder.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
+    src = Path(os.path.realpath(src))
     try:
         os.link(src, dst)
     except OSError:
@@ -210,11 +221,14 @@ def import_mvtec_category(source_root: Path, category: str, dest: Path) -> list[
         raise DatasetError(f"MVTec category not found: {src}/train/good. Check data.import_path and data.categories.")
     skipped = []
     for path in sorted(src.rglob("*")):
-        if path.is_file() and not hidden(path, src):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                link_or_copy(path, dest / path.relative_to(src))
-            else:
-                skipped.append(skipped_entry(path))
+        if hidden(path, src) or path.is_dir():
+            continue
+        if not path.exists():
+            skipped += usable([path])[1]
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            link_or_copy(path, dest / path.relative_to(src))
+        else:
+            skipped.append(skipped_entry(path))
     return skipped
 
 
@@ -225,15 +239,12 @@ def save_binary_mask(mask: np.ndarray, path: Path) -> None:
 
 
 def has_defect(mask_path: Path) -> bool:
-    """Whether a mask marks any pixel (the one rule: a non-zero value is defect); unreadable masks count as defect.
+    """Whether a mask marks any pixel (the one rule: a non-zero value is defect).
 
-    An unreadable mask is imported as is, so validation names it.
+    Raises:
+        ImageReadError: the mask cannot be read.
     """
-    try:
-        return bool(read_mask(mask_path).any())
-    except ImageReadError as err:
-        logger.warning("%s: left for validation to report", err)
-        return True
+    return bool(read_mask(mask_path).any())
 
 
 def import_kolektor(source_root: Path, dest: Path, defect_type: str = "defect") -> list[Skipped]:
@@ -241,28 +252,42 @@ def import_kolektor(source_root: Path, dest: Path, defect_type: str = "defect") 
 
     Images whose mask marks no pixel are normal. Training keeps only normal images (the defects of
     ``train/`` are left out and named); test defects get their mask file, unchanged, as
-    ``ground_truth/<defect_type>/<id>_mask.<ext>``. Returns the files left out.
+    ``ground_truth/<defect_type>/<id>_mask.<ext>``. Returns the files left out: the empty masks of
+    normal images, the training defects, and (blocking) images whose mask cannot be read.
     """
     skipped = []
     for split in ("train", "test"):
         split_dir = source_root / split
-        images = [p for p in list_images(split_dir) if not p.stem.endswith("_GT")]
+        listed, broken = usable(list_images(split_dir))
+        images = [p for p in listed if not p.stem.endswith("_GT")]
         if not images:
             raise DatasetError(f"KolektorSDD2 split has no images: {split_dir}. Check data.import_path.")
         for image_path in images:
-            gt_path = split_dir / f"{image_path.stem}_GT{image_path.suffix}"
-            if not gt_path.is_file():
-                raise DatasetError(f"KolektorSDD2 mask missing: {gt_path} (for {image_path}).")
-            if not has_defect(gt_path):
-                link_or_copy(image_path, dest / split / GOOD / image_path.name)
-            elif split == "test":
-                link_or_copy(image_path, dest / "test" / defect_type / image_path.name)
-                link_new(gt_path, mask_path_for(dest, defect_type, image_path, gt_path.suffix))
-            else:
-                reason = "defect image in train/: training uses normal images only (KolektorSDD2 protocol)"
-                skipped += [Skipped(image_path, reason, False), Skipped(gt_path, "its mask", False)]
-        skipped += left_out(split_dir, list_images(split_dir))
+            skipped += import_kolektor_image(image_path, split, dest, defect_type)
+        skipped += broken + left_out(split_dir, list_images(split_dir))
     return skipped
+
+
+def import_kolektor_image(image_path: Path, split: str, dest: Path, defect_type: str) -> list[Skipped]:
+    """One KolektorSDD2 image and its ``_GT`` mask into the layout; returns what was left out."""
+    gt_path = image_path.with_name(f"{image_path.stem}_GT{image_path.suffix}")
+    if not gt_path.is_file():
+        raise DatasetError(f"KolektorSDD2 mask missing: {gt_path} (for {image_path}).")
+    try:
+        defect = has_defect(gt_path)
+    except ImageReadError as err:
+        if split == "train":  # normal or defect cannot be told: held back by validation
+            return [Skipped(image_path, f"its mask cannot be read ({err}): normal or defect cannot be told", True)]
+        defect = True  # a test image: imported as a defect with its mask as is, which validation names
+    if not defect:
+        link_or_copy(image_path, dest / split / GOOD / image_path.name)
+        return [Skipped(gt_path, "empty mask of a normal image: normal images need none", False)]
+    if split == "train":
+        reason = "defect image in train/: training uses normal images only (KolektorSDD2 protocol)"
+        return [Skipped(image_path, reason, False), Skipped(gt_path, "its mask", False)]
+    link_or_copy(image_path, dest / "test" / defect_type / image_path.name)
+    link_new(gt_path, mask_path_for(dest, defect_type, image_path, gt_path.suffix))
+    return []
 
 
 def normal_split(name: str, seed: int, test_fraction: float) -> str:
@@ -308,19 +333,22 @@ def import_folder_category(
     that pairs no anomalous image is left out and named. With ``require_normals=False`` (images added
     on top of another source) the folders may be empty or absent.
     """
-    normals = list_images(source.normal)
+    normals, broken = usable(list_images(source.normal))
     if not normals and require_normals:
         raise DatasetError(f"no normal images in {source.normal}. Check data.import_path and data.folder.normal.")
     for image_path in normals:
         split = normal_split(image_path.name, seed, test_normal_fraction)
         link_new(image_path, dest / split / GOOD / image_path.name)
-    anomalous, masks = list_images(source.anomalous), list_images(source.masks)
+    anomalous, broken_anomalous = usable(list_images(source.anomalous))
+    masks, broken_masks = usable(list_images(source.masks))
+    broken += broken_anomalous + broken_masks
     for image_path in anomalous:
         link_new(image_path, dest / "test" / "anomalous" / image_path.name)
     paired = pair_masks(source, anomalous, masks, dest)
     unpaired = [unpaired_mask(m, source, normals) for m in masks if m not in paired]
-    others = [left_out(folder, taken) for folder, taken in ((source.normal, normals), (source.anomalous, anomalous))]
-    return unpaired + [entry for group in others for entry in group] + left_out(source.masks, masks)
+    folders = (source.normal, source.anomalous, source.masks)
+    others = [entry for folder in folders for entry in left_out(folder, list_images(folder))]
+    return broken + unpaired + others
 
 
 def pair_masks(source: FolderSet, anomalous: list[Path], masks: list[Path], dest: Path) -> set[Path]:
@@ -340,11 +368,19 @@ def pair_masks(source: FolderSet, anomalous: list[Path], masks: list[Path], dest
     return taken
 
 
+def marks_defect(mask: Path) -> bool:
+    """:func:`has_defect`, with an unreadable mask counted as marking one (so it is named, blocking)."""
+    try:
+        return has_defect(mask)
+    except ImageReadError:
+        return True
+
+
 def unpaired_mask(mask: Path, source: FolderSet, normals: list[Path]) -> Skipped:
     """Why a mask file was not taken: it belongs to a normal image, or to no image at all."""
     stem = mask.stem.removesuffix(source.mask_suffix)
     normal = next((p for p in normals if p.stem == stem and mask.stem.endswith(source.mask_suffix)), None)
-    if normal is not None and not has_defect(mask):
+    if normal is not None and not marks_defect(mask):
         return Skipped(mask, f"empty mask of the normal image {normal.name}: normal images need none", False)
     if normal is not None:
         return Skipped(mask, f"marks defect pixels, but {normal.name} is in the normal folder: move one of them", True)

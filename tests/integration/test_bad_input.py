@@ -154,6 +154,11 @@ def test_predict_never_reads_its_own_output(model_copy, images, tmp_path):
     with pytest.raises(AdpsError, match=r"--output \S+ lies inside --save-maps"):
         predict_to_folder(predictor, images, tmp_path / "maps" / "out", save_maps=tmp_path / "maps")
     assert sorted(p.name for p in (tmp_path / "o" / "washer").iterdir()) == ["psm.pt", "student.pt", "thresholds.json"]
+    second = predict_to_folder(predictor, images, images / "another", save_maps=images / "maps")
+    assert second["n_images"] == 2  # no earlier output or maps folder inside the input is read either
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(AdpsError, match="is a symbolic link: give a real folder"):
+        predict_to_folder(predictor, images, tmp_path / "dangling")
 
 
 def test_commands_find_their_project_from_a_subfolder_and_create_nothing_elsewhere(trained_project, tmp_path):

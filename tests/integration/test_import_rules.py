@@ -90,21 +90,21 @@ def test_the_same_jpeg_mask_under_mvtec_gets_the_same_verdict(project):
 def test_every_file_the_folder_importer_leaves_out_is_named(project):
     source = folder_source(project / "src")
     crack_mask(source / "masks" / "ghost_mask.png")  # pairs no image: blocks
-    Image.new("RGB", (64, 64)).save(source / "normal" / "n10.webp")  # an image format not imported: blocks
+    Image.new("RGB", (64, 64)).save(source / "normal" / "n10.ppm")  # an image format not imported: blocks
     image(source / "normal" / "nested" / "n11.png")  # a subfolder: blocks
     (source / "normal" / "notes.txt").write_text("shift 2")  # not an image: named only
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(source / "masks" / "n0_mask.png")  # empty mask of a normal
     params = folder_params()
     result = stages.prepare(params)
     left_out = {Path(r["file"]).name: r for r in result["not_imported"]["parts"]}
-    assert set(left_out) == {"ghost_mask.png", "n10.webp", "nested", "notes.txt", "n0_mask.png"}
-    assert {n for n, r in left_out.items() if r["blocking"] == "true"} == {"ghost_mask.png", "n10.webp", "nested"}
+    assert set(left_out) == {"ghost_mask.png", "n10.ppm", "nested", "notes.txt", "n0_mask.png"}
+    assert {n for n, r in left_out.items() if r["blocking"] == "true"} == {"ghost_mask.png", "n10.ppm", "nested"}
     failures = {Path(f["file"]).name: f["reason"] for f in failures_of(params, "parts")}
-    assert set(failures) == {"ghost_mask.png", "n10.webp", "nested"}
+    assert set(failures) == {"ghost_mask.png", "n10.ppm", "nested"}
     assert "mask of no anomalous image" in failures["ghost_mask.png"]
-    assert "image format .webp is not imported" in failures["n10.webp"]
+    assert "image format .ppm is not imported" in failures["n10.ppm"]
     (source / "masks" / "ghost_mask.png").unlink()
-    (source / "normal" / "n10.webp").unlink()
+    (source / "normal" / "n10.ppm").unlink()
     (source / "normal" / "nested" / "n11.png").unlink()
     (source / "normal" / "nested").rmdir()
     stages.prepare(params)
@@ -135,3 +135,45 @@ def test_files_in_the_layout_that_nothing_uses_are_named(project):
     assert "a mask's name must end in _mask" in failures["data/synthetic/fabric/ground_truth/crack/000.png"]
     assert "not in the dataset layout" in failures["data/synthetic/fabric/test/crack/deeper/x.png"]
     assert "mask missing" in failures["data/synthetic/fabric/test/crack/000.png"]
+
+
+def test_links_in_a_source_folder_are_imported_as_files_and_broken_ones_named(project):
+    source = folder_source(project / "src")
+    (source / "normal" / "again.png").symlink_to("n1.png")  # a relative link: its file is imported
+    (source / "normal" / "gone.png").symlink_to("missing.png")
+    params = folder_params()
+    stages.prepare(params)
+    imported = next(paths.category_dir(params, "parts").rglob("again.png"))
+    assert not imported.is_symlink() and imported.read_bytes() == (source / "normal" / "n1.png").read_bytes()
+    failures = {Path(f["file"]).name: f["reason"] for f in failures_of(params, "parts")}
+    assert set(failures) == {"gone.png"} and "a link to a file that does not exist" in failures["gone.png"]
+    (source / "normal" / "gone.png").unlink()
+    assert stages.prepare(params)["changed"] == ["parts"]  # the link's removal is seen
+    assert stages.validate(params, "parts")["success"]
+
+
+def kolektor_source(root: Path) -> Path:
+    """KolektorSDD2 layout: 6 normal and 1 defect image per split, each with its _GT mask."""
+    for split in ("train", "test"):
+        for i in range(7):
+            image(root / split / f"{i}.png")
+            mask = np.zeros((64, 64), np.uint8)
+            mask[5:9, 5:9] = 255 if i == 6 else 0
+            Image.fromarray(mask).save(root / split / f"{i}_GT.png")
+    return root
+
+
+def test_kolektor_names_what_it_leaves_out_and_holds_back_an_unreadable_mask(project):
+    source = kolektor_source(project / "src")
+    params = tiny_params(data={"source": "kolektor", "categories": ["ksdd"], "import_path": "src"})
+    rows = stages.prepare(params)["not_imported"]["ksdd"]
+    assert len(rows) == 6 + 2 + 6  # train: 6 empty masks, the defect and its mask; test: 6 empty masks
+    left_out = {r["file"]: r for r in rows}
+    assert left_out["src/train/6.png"]["blocking"] == "false"
+    assert "training uses normal images only" in left_out["src/train/6.png"]["reason"]
+    assert "empty mask of a normal image" in left_out["src/test/0_GT.png"]["reason"]
+    stages.validate(params, "ksdd")
+    (source / "train" / "5_GT.png").write_bytes((source / "train" / "5_GT.png").read_bytes()[:40])
+    stages.prepare(params)
+    failures = {Path(f["file"]).name: f["reason"] for f in failures_of(params, "ksdd")}
+    assert "5.png" in failures and "its mask cannot be read" in failures["5.png"]

@@ -100,12 +100,17 @@ def test_served_model_answers_every_accepted_shape_and_refuses_the_others(store)
         "series": pd.Series(encoded),
         "mapping": {"image": encoded},
         "records": [{"image": e} for e in encoded],
+        "records of 0-d arrays (REST inputs)": [{"image": np.array(e)} for e in encoded],
+        "MIME base64 with line breaks": ["\n".join(e[i : i + 76] for i in range(0, len(e), 76)) for e in encoded],
     }
     for shape, request in shapes.items():
         answer = model.predict(request)
         assert len(answer) == 2 and answer["error"].eq("").all(), shape
         np.testing.assert_allclose(answer["score"], local, rtol=1e-6, err_msg=shape)
+    with_gap = model.predict([encoded[0], None])  # a missing entry is that row's error, the others answered
+    assert with_gap["error"][0] == "" and "give the image as base64" in with_gap["error"][1]
     for shape, request in {
+        "a column named twice": pd.DataFrame([encoded], columns=["image", "image"]),
         "other column name": pd.DataFrame({"img": encoded}),
         "no rows": pd.DataFrame({"image": []}),
         "numbers": [1, 2],

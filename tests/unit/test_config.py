@@ -109,3 +109,19 @@ def test_a_search_space_that_cannot_run_fails_at_load_naming_the_key(entry, mess
 
 def test_the_shipped_search_space_passes_the_same_checks():
     assert len(load_params(REPO_ROOT / "params.yaml").tune.space) == 12
+
+
+def test_search_space_entries_a_trial_cannot_use_and_keys_written_twice_are_refused(tmp_path: Path):
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for entry, message in (
+        ({"score.sigma": {"type": "float", "low": 0, "high": float("inf")}}, "Input should be a finite number"),
+        ({"train.psm.epochs": {"type": "int", "low": 1, "high": 5}}, "every trial trains tune.budget.psm_epochs"),
+        ({"runtime.seed": {"type": "int", "low": 1, "high": 5}}, "runtime settings are not hyperparameters"),
+    ):
+        raw["tune"]["space"] = entry
+        with pytest.raises(ParamsError, match=message):
+            params_from_dict(raw)
+    text = (REPO_ROOT / "params.yaml").read_text().replace("  seed: 42 ", "  seed: 42\n  seed: 43 ", 1)
+    (tmp_path / "twice.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"twice.yaml is not valid YAML: key 'seed' is written twice"):
+        load_params(tmp_path / "twice.yaml")

@@ -37,3 +37,12 @@ def test_the_analysis_sees_what_the_scorer_and_the_importer_live_in():
     assert "adps/model/adps.py" in stage_files("evaluate")
     assert {"adps/data/layout.py", "adps/data/images.py"} <= stage_files("prepare")
     assert "adps/data/images.py" in stage_files("distill") and "adps/tracking.py" not in stage_files("distill")
+
+
+def test_register_depends_on_the_code_bundled_into_the_model():
+    """The registered model carries its serving code: a change to it must make register@C stale."""
+    from adps.tracking import served_code
+
+    bundled = [str(p.relative_to(REPO_ROOT)) for p in served_code()]
+    assert "adps/inference.py" in bundled and "adps/data/images.py" in bundled and "adps/tuning.py" not in bundled
+    assert [p for p in bundled if not covered(p, code_deps("register"))] == []

@@ -201,3 +201,36 @@ def test_masks_are_read_by_the_same_rules(tmp_path):
     palette.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)  # index 1 is pure blue (luminance 29)
     palette.save(tmp_path / "blue.png")
     assert load_mask(tmp_path / "blue.png", 32).sum() == 64
+
+
+def test_more_value_rules_read_as_the_owner_means(tmp_path):
+    """16-bit colour with 12 unscaled bits is refused; a 16-bit colour key is transparency; 32-bit 0..255 is 8-bit."""
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([12, 12, 12]))
+    rgb16 = np.full((32, 32, 3), 2048, ">u2")  # 12-bit camera values, stored as they are
+    write_png16_rgb(tmp_path / "camera.png", rgb16, sbit=12)
+    with pytest.raises(ImageReadError, match="16-bit colour with 12 significant bits stored unscaled"):
+        read_rgb(tmp_path / "camera.png", 32)
+    write_png16_rgb(tmp_path / "scaled.png", np.full((32, 32, 3), 40000, ">u2"), sbit=12)
+    assert read_rgb(tmp_path / "scaled.png", 32)[0][0, 0, 0] == pytest.approx(156 / 255)  # high byte of 40000
+    assert read_image_facts(tmp_path / "scaled.png")["bit_depth"] == 16
+    Image.fromarray(np.full((32, 32), 700, np.uint16)).save(tmp_path / "keyed16.png", transparency=700)
+    with pytest.raises(ImageReadError, match="1024 pixels are transparent"):
+        read_rgb(tmp_path / "keyed16.png", 32)
+    Image.fromarray(np.full((32, 32), 200, np.int32), mode="I").save(tmp_path / "eight_in_32.tif")
+    assert read_rgb(tmp_path / "eight_in_32.tif", 32)[0][0, 0, 0] == pytest.approx(200 / 255)
+
+
+def write_png16_rgb(path: Path, pixels: np.ndarray, sbit: int) -> None:
+    """A 16-bit RGB PNG with an sBIT chunk, written chunk by chunk (PIL cannot write 16-bit colour)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"sBIT", bytes([sbit] * 3))
+    path.write_bytes(png + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))

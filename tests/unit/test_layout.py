@@ -78,7 +78,12 @@ def test_kolektor_import(tmp_path):
     samples = build_sample_index(tmp_path / "out", "ksdd2")
     train = [s for s in samples if s.split == "train"]
     assert [s.image_path.name for s in train] == ["10.png"]  # defective training image left out, and named:
-    assert [(e.source.name, e.blocking) for e in skipped] == [("11.png", False), ("11_GT.png", False)]
+    assert sorted((e.source.parent.name, e.source.name, e.blocking) for e in skipped) == [
+        ("test", "10_GT.png", False),  # the empty masks of normal images
+        ("train", "10_GT.png", False),
+        ("train", "11.png", False),
+        ("train", "11_GT.png", False),
+    ]
     defect = next(s for s in samples if s.label == 1)
     assert defect.image_path.name == "11.png" and read_mask(defect.mask_path).sum() == 100
     assert defect.mask_path.read_bytes() == (src / "test" / "11_GT.png").read_bytes()  # the mask as given
