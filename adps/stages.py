@@ -19,7 +19,7 @@ from typing import Any
 from adps import paths
 from adps.config import METRIC_NAMES, Params
 from adps.data import layout, synthetic
-from adps.data.datasets import LabelledDataset, Normalizer, TrainDataset
+from adps.data.datasets import LabelledDataset, TrainDataset
 from adps.data.images import load_rgb
 from adps.data.splits import category_splits, check_category
 from adps.data.validation import validate_dataset
@@ -36,12 +36,14 @@ from adps.files import (
     write_text_atomically,
     write_together,
 )
-from adps.model.backbones import calibrate_batchnorm, input_normalization, load_teacher_weights
+from adps.model.backbones import calibrate_batchnorm
+from adps.model.weights import load_teacher_weights
 from adps.runtime import progress_enabled, seeded, setup_torch
 from adps.training.checkpoints import (
     CheckpointError,
     build_model,
     fingerprint,
+    input_normalizer,
     load_model,
     model_spec,
     read_checkpoint,
@@ -94,6 +96,11 @@ def category_lock(params: Params, category: str):
     """The lock held while anything writes one category's files (stages, and ``prepare`` swapping its data)."""
     busy = f"category {category} is being written by another pipeline run; rerun when it has finished"
     return exclusive_lock(paths.category_lock(params, category), busy)
+
+
+def train_dataset(params: Params, samples: list[layout.Sample], seed: int) -> TrainDataset:
+    """Normal training images with synthetic anomalies, at the model's size and normalisation."""
+    return TrainDataset(samples, params.data.image_size, input_normalizer(params), params.synthesis, seed)
 
 
 def build_category(params: Params, category: str, dest: Path) -> None:
@@ -306,7 +313,7 @@ def distill(params: Params, category: str) -> dict[str, Any]:
         stamp,
         params.runtime.seed,
     )
-    history = fit(phase, model, TrainDataset(train, params, params.runtime.seed), progress_enabled(params))
+    history = fit(phase, model, train_dataset(params, train, params.runtime.seed), progress_enabled(params))
     finish_phase(
         params, final, model, spec, history, category, "distill", teacher_weights=teacher_weights, fingerprint=stamp
     )
@@ -322,7 +329,7 @@ def normal_batches(samples: list, params: Params) -> list:
     """The normal training images as normalised batches (no synthetic anomalies)."""
     import torch
 
-    normalize = Normalizer(*input_normalization(params))
+    normalize = input_normalizer(params)
     images = [normalize(load_rgb(s.image_path, params.data.image_size)) for s in samples]
     size = params.train.distill.batch_size
     return [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]
@@ -373,7 +380,7 @@ def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) ->
         stamp,
         params.runtime.seed + 1,
     )
-    dataset = TrainDataset(train, params, params.runtime.seed + 1)
+    dataset = train_dataset(params, train, params.runtime.seed + 1)
     history = fit(phase, model, dataset, progress_enabled(params), on_epoch_end)
     finish_phase(
         params,
@@ -421,7 +428,9 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     model.to(device).set_scoring(**params.score.model_dump())
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
     val_pred = validation_predictions(model, val, params, device, progress)
-    test_pred = predict_dataset(model, LabelledDataset(test, params), batch, device, progress)
+    test_pred = predict_dataset(
+        model, LabelledDataset(test, params.data.image_size, input_normalizer(params)), batch, device, progress
+    )
     thresholds = reports.calibrate(val_pred, params.threshold, params.score.model_dump(mode="json"))
     thresholds.update(category=category, checkpoint_sha256=file_sha256(paths.psm_checkpoint(params, category)))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)

@@ -32,7 +32,7 @@ from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
 from adps.model.adps import cosine_anomaly_map
 from adps.runtime import setup_torch
-from adps.training.checkpoints import load_model
+from adps.training.checkpoints import input_normalizer, load_model
 
 
 def cosine_maps(model, image):
@@ -77,7 +77,11 @@ def student_only_metrics(params, category: str) -> dict[str, float]:
     model.to(device).set_scoring(**params.score.model_dump())
     _, _, test = category_splits(params, category)
     pred = predict_dataset(
-        model, LabelledDataset(test, params), params.evaluation.batch_size, device, map_fn=cosine_maps
+        model,
+        LabelledDataset(test, params.data.image_size, input_normalizer(params)),
+        params.evaluation.batch_size,
+        device,
+        map_fn=cosine_maps,
     )
     return detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
 

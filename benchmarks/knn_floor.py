@@ -24,7 +24,8 @@ from adps.data.splits import category_splits
 from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
 from adps.model.adps import AdpsModel
-from adps.model.backbones import load_teacher_weights
+from adps.model.weights import load_teacher_weights
+from adps.training.checkpoints import input_normalizer
 
 LEVELS = (1, 2)  # 0-based: stride 8 and stride 16
 
@@ -56,13 +57,17 @@ def knn_maps(bank: torch.Tensor):
 
 
 def knn_floor(params: Params, category: str) -> dict[str, float]:
-    model = AdpsModel(params.model.backbone, 1, (0,), params.model.psm_head_channels).eval()
+    model = AdpsModel(params.model.backbone, 1, (0,), params.model.psm_head_channels, params.score.model_dump()).eval()
     model.set_scoring(**params.score.model_dump())
     record = load_teacher_weights(model.teacher.net, params.model.backbone, params.model.teacher_weights)
     train, _, test = category_splits(params, category)
     bank = feature_bank(model, params, train)
     pred = predict_dataset(
-        model, LabelledDataset(test, params), params.evaluation.batch_size, torch.device("cpu"), map_fn=knn_maps(bank)
+        model,
+        LabelledDataset(test, params.data.image_size, input_normalizer(params)),
+        params.evaluation.batch_size,
+        torch.device("cpu"),
+        map_fn=knn_maps(bank),
     )
     metrics = detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
     return {**metrics, "teacher_weights": record}

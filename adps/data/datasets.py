@@ -8,12 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from adps.config import Params
+from adps.config import SynthesisParams
 from adps.data.images import load_mask, load_rgb
 from adps.data.layout import Sample
 from adps.data.synthesis import AnomalySynthesizer
 from adps.errors import DatasetError
-from adps.model.backbones import input_normalization
 
 Array = np.ndarray
 
@@ -41,13 +40,15 @@ class TrainDataset(Dataset):
     a resumed run sees the same samples as an uninterrupted one.
     """
 
-    def __init__(self, samples: Sequence[Sample], params: Params, seed: int):
+    def __init__(
+        self, samples: Sequence[Sample], size: int, normalize: Normalizer, synthesis: SynthesisParams, seed: int
+    ):
         self.samples = list(samples)
-        self.size = params.data.image_size
+        self.size = size
         self.seed = seed
         self.epoch = 0
-        self.normalize = Normalizer(*input_normalization(params))
-        self.synthesize = AnomalySynthesizer(params.synthesis, self.size, seed)
+        self.normalize = normalize
+        self.synthesize = AnomalySynthesizer(synthesis, self.size, seed)
         self.cache: dict[int, Array] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -71,10 +72,10 @@ class TrainDataset(Dataset):
 class LabelledDataset(Dataset):
     """Test images with their ground truth: ``image``, ``mask`` (1, H, W), ``label``, ``path``."""
 
-    def __init__(self, samples: Sequence[Sample], params: Params):
+    def __init__(self, samples: Sequence[Sample], size: int, normalize: Normalizer):
         self.samples = list(samples)
-        self.size = params.data.image_size
-        self.normalize = Normalizer(*input_normalization(params))
+        self.size = size
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -104,12 +105,14 @@ class ValidationDataset(Dataset):
     The anomalies use their own seed, so thresholds chosen here never see the test split.
     """
 
-    def __init__(self, samples: Sequence[Sample], params: Params, seed: int):
+    def __init__(
+        self, samples: Sequence[Sample], size: int, normalize: Normalizer, synthesis: SynthesisParams, seed: int
+    ):
         self.samples = list(samples)
-        self.size = params.data.image_size
+        self.size = size
         self.seed = seed
-        self.normalize = Normalizer(*input_normalization(params))
-        always = params.synthesis.model_copy(update={"normal_prob": 0.0})
+        self.normalize = normalize
+        always = synthesis.model_copy(update={"normal_prob": 0.0})
         self.synthesize = AnomalySynthesizer(always, self.size, seed)
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from adps.config import Params
 from adps.data.datasets import ValidationDataset
 from adps.model.adps import AdpsModel
+from adps.training.checkpoints import input_normalizer
 
 MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -62,5 +63,6 @@ def validation_predictions(
     model: AdpsModel, val: list, params: Params, device: torch.device, progress: bool = False
 ) -> Predictions:
     """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed)."""
-    dataset = ValidationDataset(val, params, params.runtime.seed + 2)
+    normalize = input_normalizer(params)
+    dataset = ValidationDataset(val, params.data.image_size, normalize, params.synthesis, params.runtime.seed + 2)
     return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adps.config import ScoreParams
 from adps.model.backbones import Student, Teacher, stage_channels
 
 
@@ -127,12 +127,13 @@ class AdpsModel(nn.Module):
         patches: int,
         split_after: tuple[int, ...],
         psm_head_channels: tuple[int, int],
+        scoring: dict[str, Any],
     ):
         super().__init__()
         self.teacher = Teacher(backbone)
         self.student = Student(backbone, patches, split_after)
         self.psm = PostSegmentation(stage_channels(backbone), psm_head_channels)
-        self.scorer = ImageScorer(**ScoreParams().model_dump())  # params.yaml's defaults until set_scoring
+        self.scorer = ImageScorer(**scoring)  # method, sigma, topk; set_scoring changes them (no weights involved)
 
     def set_scoring(self, method: str, sigma: float, topk: int) -> AdpsModel:
         """Choose how the image score is read off the map (``score.*`` params; no weights involved)."""

@@ -17,7 +17,8 @@ import torch
 import torchvision
 
 import adps
-from adps.config import Params
+from adps.config import Params, ScoreParams
+from adps.data.datasets import Normalizer
 from adps.errors import AdpsError
 from adps.files import write_atomically
 from adps.model.adps import AdpsModel
@@ -30,9 +31,18 @@ class CheckpointError(AdpsError):
     """A checkpoint that is missing, unreadable or of another format."""
 
 
+def normalization(params: Params) -> tuple[list[float], list[float]]:
+    """(mean, std) of the model input: the backbone weights' own unless ``data.normalize_*`` override them."""
+    return input_normalization(params.model.backbone, params.data.normalize_mean, params.data.normalize_std)
+
+
+def input_normalizer(params: Params) -> Normalizer:
+    return Normalizer(*normalization(params))
+
+
 def model_spec(params: Params) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess its input, as plain JSON-able data."""
-    mean, std = input_normalization(params)
+    mean, std = normalization(params)
     return {
         "model": params.model.model_dump(mode="json"),
         "image_size": params.data.image_size,
@@ -47,12 +57,14 @@ def fingerprint(payload: Any) -> str:
 
 
 def build_model(spec: dict[str, Any]) -> AdpsModel:
+    """The model of a spec, scoring with the ``score`` defaults until told otherwise (``set_scoring``)."""
     m = spec["model"]
     return AdpsModel(
         backbone=m["backbone"],
         patches=m["patches"],
         split_after=tuple(m["split_after"]),
         psm_head_channels=tuple(m["psm_head_channels"]),
+        scoring=ScoreParams().model_dump(),
     )
 
 

@@ -26,7 +26,7 @@ from adps.data.images import load_rgb
 from adps.errors import AdpsError, ImageReadError
 from adps.files import write_json_atomically, write_text_atomically
 from adps.inference import Predictor, predict_to_folder
-from adps.training.checkpoints import CheckpointError, load_model, read_checkpoint
+from adps.training.checkpoints import CheckpointError, input_normalizer, load_model, read_checkpoint
 from tests.conftest import tiny_params, write_params
 
 ADPS = [sys.executable, "-m", "adps.cli"]
@@ -304,7 +304,7 @@ def test_synthesis_that_never_draws_an_anomaly_is_an_error_not_a_hang(trained_pr
     monkeypatch.chdir(root)
     params = tiny_params(synthesis={"perlin_threshold": 0.999, "n_procedural_textures": 1})
     _, val, _ = __import__("adps.data.splits", fromlist=["x"]).category_splits(params, "washer")
-    dataset = ValidationDataset(val, params, 0)
+    dataset = ValidationDataset(val, 64, input_normalizer(params), params.synthesis, 0)
     with pytest.raises(AdpsError, match=r"perlin_threshold=0.999.*lower it"):
         dataset[len(val)]
 

@@ -11,7 +11,7 @@ from adps import paths, stages
 from adps.data.layout import build_sample_index
 from adps.data.synthetic import generate_category
 from adps.evaluation.naive import naive_baseline_scores
-from adps.model.backbones import BACKBONES, read_state_dict, remap_lite
+from adps.model.weights import SOURCES, read_state_dict, remap_lite
 from adps.training.checkpoints import read_checkpoint
 from tests.conftest import tiny_params
 
@@ -49,7 +49,7 @@ def test_short_training_beats_the_naive_baseline_by_a_margin(short_run):
 
 
 def imagenet_teacher_state() -> dict[str, torch.Tensor]:
-    packaged = BACKBONES["efficientnet_lite0"].packaged
+    packaged = SOURCES["efficientnet_lite0"].packaged
     return {
         f"teacher.net.{k}": v for k, v in remap_lite("efficientnet_lite0")(read_state_dict(packaged.path())).items()
     }

@@ -15,7 +15,7 @@ import torch
 from adps import paths, stages
 from adps.errors import AdpsError
 from adps.inference import Predictor
-from adps.training.checkpoints import CheckpointError, load_model, read_checkpoint
+from adps.training.checkpoints import CheckpointError, input_normalizer, load_model, read_checkpoint
 from tests.conftest import tiny_params
 
 
@@ -74,7 +74,9 @@ def test_predictor_scores_match_evaluation(trained, monkeypatch):
     model, _ = load_model(paths.psm_checkpoint(tiny_params(), "washer"))  # a second, independent copy of the weights
     model.set_scoring(**json.loads(paths.thresholds_file(tiny_params(), "washer").read_text())["score"])
     _, _, test = category_splits(tiny_params(), "washer")
-    expected = predict_dataset(model, LabelledDataset(test, tiny_params()), 8, torch.device("cpu"))
+    expected = predict_dataset(
+        model, LabelledDataset(test, 64, input_normalizer(tiny_params())), 8, torch.device("cpu")
+    )
     got = predictor.predict_paths([s.image_path for s in test])
     np.testing.assert_allclose([r.score for r in got], expected.scores, rtol=1e-5, atol=1e-6)
     metrics = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())

@@ -6,6 +6,7 @@ from adps.data.datasets import LabelledDataset, TrainDataset
 from adps.data.images import load_rgb
 from adps.data.layout import build_sample_index
 from adps.errors import ImageReadError
+from adps.training.checkpoints import input_normalizer
 from tests.conftest import tiny_params
 
 
@@ -17,12 +18,12 @@ def samples(tiny_dataset_master):
 def test_train_items_are_reproducible_per_epoch(samples):
     params = tiny_params(synthesis={"normal_prob": 0.0})
     train = [s for s in samples if s.split == "train"]
-    ds = TrainDataset(train, params, seed=3)
+    ds = TrainDataset(train, 64, input_normalizer(params), params.synthesis, seed=3)
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
     assert set(torch.unique(item["mask"]).tolist()) <= {0.0, 1.0}
     assert item["label"] == float(item["mask"].any())
-    again = TrainDataset(train, params, seed=3)[0]
+    again = TrainDataset(train, 64, input_normalizer(params), params.synthesis, seed=3)[0]
     torch.testing.assert_close(item["image"], again["image"])
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["mask"], item["mask"]) or not torch.equal(ds[0]["image"], item["image"])
@@ -30,7 +31,9 @@ def test_train_items_are_reproducible_per_epoch(samples):
 
 def test_train_images_are_normalised(samples):
     params = tiny_params(synthesis={"normal_prob": 1.0})
-    item = TrainDataset([s for s in samples if s.split == "train"], params, seed=0)[0]
+    item = TrainDataset(
+        [s for s in samples if s.split == "train"], 64, input_normalizer(params), params.synthesis, seed=0
+    )[0]
     raw = torch.from_numpy(load_rgb(samples[0].image_path, 64).transpose(2, 0, 1))
     # the default backbone (EfficientNet-Lite, TF-ported weights) sees (255 x - 127) / 128
     torch.testing.assert_close(item["image"], (raw * 255 - 127) / 128, atol=1e-5, rtol=0)
@@ -38,7 +41,7 @@ def test_train_images_are_normalised(samples):
 
 def test_test_items_carry_mask_label_and_path(samples):
     test = [s for s in samples if s.split == "test"]
-    ds = LabelledDataset(test, tiny_params())
+    ds = LabelledDataset(test, 64, input_normalizer(tiny_params()))
     for i, s in enumerate(test):
         item = ds[i]
         assert item["path"] == str(s.image_path) and item["label"] == s.label

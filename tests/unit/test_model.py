@@ -5,20 +5,15 @@ import torch
 import torchvision
 
 from adps.model.adps import AdpsModel, AdpsOutput, cosine_anomaly_map, weight_mask
-from adps.model.backbones import (
-    Student,
-    Teacher,
-    TeacherWeightsError,
-    load_teacher_weights,
-    split_into_patches,
-    stitch_patches,
-)
+from adps.model.backbones import Student, Teacher, split_into_patches, stitch_patches
+from adps.model.weights import TeacherWeightsError, load_teacher_weights
 
 
 def small_model(**kw) -> AdpsModel:
     scoring = {k: kw.pop(k) for k in ("method", "sigma", "topk") if k in kw}
     args = dict(backbone="resnet18", patches=4, split_after=(0,), psm_head_channels=(8, 8))
-    return AdpsModel(**{**args, **kw}).set_scoring(**{"method": "max", "sigma": 2.0, "topk": 10, **scoring})
+    scoring = {"method": "max", "sigma": 2.0, "topk": 10, **scoring}
+    return AdpsModel(**{**args, **kw}, scoring=scoring)
 
 
 def test_split_and_stitch_are_inverse_and_keep_positions():

