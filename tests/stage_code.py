@@ -3,10 +3,9 @@
 From the stage function in ``adps/stages.py``: the functions of that module it calls (decorators
 included) and the ``adps`` modules they refer to, then every ``adps`` module those import (at any
 depth, module level or inside functions). ``adps/stages.py`` itself is walked function by function:
-it imports what every stage needs, and a stage must not depend on the others' code. A module named
-as a sibling file (``Path(__file__).with_name("serving.py")``: the code registration bundles into the
-model) counts as imported. The thin CLI (``adps/cli.py``) and the Prefect tasks only call the stage
-function, so they are not part of it.
+it imports what every stage needs, and a stage must not depend on the others' code. The thin CLI
+(``adps/cli.py``) and the Prefect tasks only call the stage function, so they are not part of it. The
+code registration bundles into the model is ``adps.tracking.served_code()``, checked separately.
 """
 
 from __future__ import annotations
@@ -26,12 +25,10 @@ def module_file(module: str) -> Path | None:
     return None
 
 
-def imported_modules(node: ast.AST, module: str = STAGES_MODULE) -> dict[str, str]:
-    """Name bound -> ``adps`` module, for every import anywhere under ``node`` (in ``module``), and sibling files."""
+def imported_modules(node: ast.AST) -> dict[str, str]:
+    """Name bound -> ``adps`` module, for every import anywhere under ``node``."""
     names = {}
     for sub in ast.walk(node):
-        if sibling := sibling_module(sub, module):
-            names[f"<file {sibling}>"] = sibling
         if isinstance(sub, ast.ImportFrom) and sub.module and sub.module.split(".")[0] == "adps":
             for alias in sub.names:
                 full = f"{sub.module}.{alias.name}"
@@ -39,15 +36,6 @@ def imported_modules(node: ast.AST, module: str = STAGES_MODULE) -> dict[str, st
         elif isinstance(sub, ast.Import):
             names.update({a.asname or a.name: a.name for a in sub.names if a.name.split(".")[0] == "adps"})
     return names
-
-
-def sibling_module(node: ast.AST, module: str) -> str | None:
-    """``x.with_name("name.py")`` in ``module``: the module ``name`` of the same package, else None."""
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "with_name"):
-        return None
-    if not (node.args and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).endswith(".py")):
-        return None
-    return ".".join([*module.split(".")[:-1], str(node.args[0].value).removesuffix(".py")])
 
 
 def module_closure(modules: set[str]) -> set[str]:
@@ -59,7 +47,7 @@ def module_closure(modules: set[str]) -> set[str]:
         if module in seen or module == STAGES_MODULE or (path := module_file(module)) is None:
             continue
         seen.add(module)
-        todo += imported_modules(ast.parse(path.read_text()), module).values()
+        todo += imported_modules(ast.parse(path.read_text())).values()
     return seen
 
 
