@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Engine(StrEnum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class ExportFormat(StrEnum):
+    onnx = "onnx"
+
 
 ParamsOption = Annotated[
     Path | None,
@@ -149,13 +166,10 @@ def evaluate(category: CategoryOption, params: ParamsOption = None) -> None:
 @app.command()
 def export(
     category: CategoryOption,
-    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    format: Annotated[ExportFormat, typer.Option("--format", help="Export format.")] = ExportFormat.onnx,
     params: ParamsOption = None,
 ) -> None:
     """Export the category's deployable model to models/<category>/model.onnx (ONNX Runtime, no PyTorch)."""
-    if format != "onnx":
-        console.print(f"[bold red]error:[/] unknown --format '{format}': onnx is the one supported")
-        raise typer.Exit(1)
     run_stage(stages.export, params, category)
 
 
@@ -226,13 +240,11 @@ def mean_of(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def load_predictor(model: str, params_path: Path | None, device: str, runtime: str = "torch") -> Predictor:
+def load_predictor(model: str, params_path: Path | None, device: str, engine: str = "torch") -> Predictor:
     """A model folder, or a registry URI ``models:/adps-<category>@champion`` (tracking URI from params)."""
-    if runtime not in ("torch", "onnx"):
-        raise AdpsError(f"unknown --runtime '{runtime}': use torch or onnx")
-    if runtime == "onnx":
+    if engine == "onnx":
         if model.startswith("models:/"):
-            raise AdpsError("--runtime onnx takes a model folder with model.onnx (adps export), not a registry URI")
+            raise AdpsError("--engine onnx takes a model folder with model.onnx (adps export), not a registry URI")
         from adps.export import OnnxPredictor
 
         return OnnxPredictor.from_dir(Path(model)).to(device)
@@ -262,10 +274,11 @@ def predict(
         Path | None, typer.Option("--save-maps", help="Folder for each raw anomaly map as float32 .npy.")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    runtime: Annotated[str, typer.Option(help="torch, or onnx (models/<category>/model.onnx in ONNX Runtime).")] = (
-        "torch"
-    ),
+    device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = Device.auto,
+    engine: Annotated[
+        Engine,
+        typer.Option("--engine", "--runtime", help="torch, or onnx (the folder's model.onnx in ONNX Runtime)."),
+    ] = Engine.torch,
     params: Annotated[
         Path | None,
         typer.Option(
@@ -280,7 +293,7 @@ def predict(
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
     configure_logging()
     with reported_errors():
-        predictor = load_predictor(model, params, device, runtime)
+        predictor = load_predictor(model, params, device.value, engine.value)
         model_dir = None if model.startswith("models:/") else Path(model)
         result = predict_to_folder(predictor, input, output, batch_size, sys.stderr.isatty(), save_maps, model_dir)
     typer.echo(json.dumps(result, indent=2))

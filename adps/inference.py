@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from adps.files import (
     swap_in_dir,
     write_text_atomically,
 )
+from adps.runtime import resolve_device
 from adps.training.checkpoints import load_model
 
 logger = logging.getLogger(__name__)
@@ -167,38 +167,6 @@ def defect_regions(anomaly_map: np.ndarray, threshold: float, image_size: tuple[
             }
         )
     return sorted(regions, key=lambda region: -region["peak"])
-
-
-def allowed_path(value: str, root: Path | None) -> Path:
-    """A path a client sent, accepted only when it is a regular file under the server's allowed ``root``.
-
-    Without a root, paths are refused outright. The same message for "missing" and "outside" tells a
-    client nothing about which files exist; special files (FIFOs, devices) are refused so they cannot
-    hang the server.
-    """
-    refused = "path not accepted: send the image itself (base64), or a file under the server's allowed root"
-    if root is None:
-        raise AdpsError("paths are not accepted by this server: send the image itself (base64 in column 'image')")
-    try:
-        resolved = Path(value).resolve(strict=True)
-        inside = resolved.is_relative_to(root.resolve(strict=True))
-        regular = stat.S_ISREG(resolved.stat().st_mode)
-    except (OSError, RuntimeError, ValueError):
-        raise AdpsError(refused) from None
-    if not (inside and regular):
-        raise AdpsError(refused)
-    return resolved
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda``; a clear error for anything else or a missing GPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise AdpsError(f"unknown device '{device}': use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AdpsError("--device cuda, but this machine has no usable CUDA GPU: use --device auto or cpu")
-    return torch.device(device)
 
 
 def read_thresholds(path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from adps.config import Params
+from adps.errors import AdpsError
 
 
 def progress_enabled(params: Params) -> bool:
@@ -28,13 +29,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(params: Params):
-    """``runtime.device``: auto -> CUDA when present, else CPU."""
+def resolve_device(device: str):
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``; a clear error for anything else or a missing GPU.
+
+    The one reading of a device name, for training (``runtime.device``) and prediction (``--device``).
+    """
     import torch
 
-    if params.runtime.device == "cuda" or (params.runtime.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise AdpsError(f"unknown device '{device}': use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AdpsError("device cuda, but this machine has no usable CUDA GPU: use auto or cpu")
+    return torch.device(device)
 
 
 def default_threads() -> int:
@@ -65,7 +73,7 @@ def setup_torch(params: Params):
     seed_everything(params.runtime.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA kernels without a deterministic form warn
     torch.set_num_threads(params.runtime.threads or default_threads())
-    return resolve_device(params)
+    return resolve_device(params.runtime.device)
 
 
 _INIT_LOCK = threading.Lock()

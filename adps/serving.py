@@ -16,6 +16,7 @@ import binascii
 import io
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,31 @@ import pandas as pd
 from PIL import Image
 
 from adps.errors import AdpsError
-from adps.inference import ImagePrediction, ImageSource, Predictor, allowed_path
+from adps.inference import ImagePrediction, ImageSource, Predictor
 from adps.serving_contract import OUTPUT_COLUMNS, RequestShapeError, request_rows
 
 ALLOWED_ROOT_ENV = "ADPS_SERVE_ALLOWED_ROOT"
+
+
+def allowed_path(value: str, root: Path | None) -> Path:
+    """A path a client sent, accepted only when it is a regular file under the server's allowed ``root``.
+
+    Without a root, paths are refused outright. The same message for "missing" and "outside" tells a
+    client nothing about which files exist; special files (FIFOs, devices) are refused so they cannot
+    hang the server.
+    """
+    refused = "path not accepted: send the image itself (base64), or a file under the server's allowed root"
+    if root is None:
+        raise AdpsError("paths are not accepted by this server: send the image itself (base64 in column 'image')")
+    try:
+        resolved = Path(value).resolve(strict=True)
+        inside = resolved.is_relative_to(root.resolve(strict=True))
+        regular = stat.S_ISREG(resolved.stat().st_mode)
+    except (OSError, RuntimeError, ValueError):
+        raise AdpsError(refused) from None
+    if not (inside and regular):
+        raise AdpsError(refused)
+    return resolved
 
 
 def allowed_root() -> Path | None:

@@ -7,7 +7,6 @@ Every failing row is reported with its file and the reason, and GX data docs are
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from adps.config import ValidationParams
 from adps.data.images import decode_image, mask_values, rgb_image
 from adps.data.layout import Sample
 from adps.errors import ImageReadError
+from adps.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def read_mask_facts(mask_path: Path | None, image_size: tuple[int, int] | None, 
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return file_sha256(path) if path.is_file() else ""
 
 
 def build_metadata_table(samples: Iterable[Sample], root: Path | None = None, progress: bool = False) -> pd.DataFrame:

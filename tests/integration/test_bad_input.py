@@ -197,7 +197,9 @@ def test_predict_output_and_option_errors_come_before_any_scoring(trained_projec
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     out = tmp_path / "o"
     assert_user_error(adps(*base, "--output", str(out), "--batch-size", "0", cwd=tmp_path), "--batch-size")
-    assert_user_error(adps(*base, "--output", str(out), "--device", "foo", cwd=tmp_path), "unknown device 'foo'")
+    assert_user_error(
+        adps(*base, "--output", str(out), "--device", "foo", cwd=tmp_path), "'foo' is not one of 'auto', 'cpu', 'cuda'"
+    )
     if not torch.cuda.is_available():
         assert_user_error(adps(*base, "--output", str(out), "--device", "cuda", cwd=tmp_path), "no usable CUDA")
     assert not out.exists()
