@@ -115,23 +115,19 @@ def print_failures(failures: list[dict[str, str]]) -> None:
     console.print(table)
 
 
-@app.command()
-def prepare(params: ParamsOption = None) -> None:
-    """Build the embedded synthetic dataset, or import MVTec AD, KolektorSDD2 or a folder set."""
+def prepare_command(params: ParamsOption = None) -> None:
     run_stage(stages.prepare, params)
 
 
 CategoryOption = Annotated[str, typer.Option("--category", "-c", help="Category to work on (one of data.categories).")]
 
 
-@app.command()
-def validate(
+def validate_command(
     category: Annotated[
         str | None, typer.Option("--category", "-c", help="Category to check (default: every one of data.categories).")
     ] = None,
     params: ParamsOption = None,
 ) -> None:
-    """Check a category's images with Great Expectations; exit 1 and list every bad file on failure."""
     with reported_errors():
         loaded = load_params(params)
         configure_logging(loaded.runtime.log_level)
@@ -145,38 +141,27 @@ def validate(
             raise ValidationFailed("\n".join(map(str, failed)), [f for err in failed for f in err.failures])
 
 
-@app.command()
-def distill(category: CategoryOption, params: ParamsOption = None) -> None:
-    """Stage 1: asymmetric distillation of the student; writes models/<category>/student.pt (resumable)."""
-    run_stage(stages.distill, params, category)
-
-
-@app.command()
-def psm(category: CategoryOption, params: ParamsOption = None) -> None:
-    """Stage 2: train the Post-Segmentation Module through the WMB; writes models/<category>/psm.pt (resumable)."""
-    run_stage(stages.psm, params, category)
-
-
-@app.command()
-def evaluate(category: CategoryOption, params: ParamsOption = None) -> None:
-    """Choose thresholds on the validation split, compute test metrics, curves and heatmaps."""
-    run_stage(stages.evaluate, params, category)
-
-
-@app.command()
-def export(
+def export_command(
     category: CategoryOption,
     format: Annotated[ExportFormat, typer.Option("--format", help="Export format.")] = ExportFormat.onnx,
     params: ParamsOption = None,
 ) -> None:
-    """Export the category's deployable model to models/<category>/model.onnx (ONNX Runtime, no PyTorch)."""
     run_stage(stages.export, params, category)
 
 
-@app.command()
-def register(category: CategoryOption, params: ParamsOption = None) -> None:
-    """Log the category's MLflow run and register its model as adps-<category> (alias challenger)."""
-    run_stage(stages.register, params, category)
+def category_command(stage: stages.Stage) -> Callable[..., None]:
+    """The command of a per-category stage that takes nothing but the category and the params file."""
+
+    def command(category: CategoryOption, params: ParamsOption = None) -> None:
+        run_stage(stage.run, params, category)
+
+    return command
+
+
+OWN_OPTIONS = {"prepare": prepare_command, "validate": validate_command, "export": export_command}
+for pipeline_stage in stages.PIPELINE:  # one command per stage of the table, in its order, with its summary
+    command = OWN_OPTIONS.get(pipeline_stage.name) or category_command(pipeline_stage)
+    app.command(name=pipeline_stage.name, help=pipeline_stage.summary)(command)
 
 
 @app.command()

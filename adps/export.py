@@ -22,6 +22,7 @@ import torch
 from adps.errors import AdpsError
 from adps.files import file_sha256, write_atomically
 from adps.inference import Predictor, read_thresholds
+from adps.paths import ONNX_FILE, PSM_FILE, THRESHOLDS_FILE
 
 logger = logging.getLogger(__name__)
 OPSET = 18
@@ -52,7 +53,7 @@ def onnx_metadata(predictor: Predictor, folder: Path) -> dict[str, str]:
         "pixel_threshold": str(thresholds["pixel"]),
         "score": json.dumps(thresholds["score"]),
         "category": str(thresholds.get("category", "")),
-        "checkpoint_sha256": file_sha256(folder / "psm.pt"),
+        "checkpoint_sha256": file_sha256(folder / PSM_FILE),
         "outputs": "anomaly_map (batch,1,S,S) in [0,1]; image_score (batch,): anomalous when >= image_threshold",
     }
 
@@ -107,13 +108,13 @@ class OnnxPredictor(Predictor):
     @classmethod
     def from_dir(cls, model_dir: Path, device: str = "cpu") -> OnnxPredictor:  # type: ignore[override]
         folder = Path(model_dir)
-        onnx_path = folder / "model.onnx"
+        onnx_path = folder / ONNX_FILE
         if not onnx_path.is_file():
             raise AdpsError(f"no model.onnx in {folder}: run `adps export -c <category>` first.")
-        thresholds = read_thresholds(folder / "thresholds.json")
+        thresholds = read_thresholds(folder / THRESHOLDS_FILE)
         predictor = cls(onnx_path, thresholds)
         recorded = predictor.session.get_modelmeta().custom_metadata_map.get("checkpoint_sha256")
-        if (folder / "psm.pt").is_file() and recorded != file_sha256(folder / "psm.pt"):
+        if (folder / PSM_FILE).is_file() and recorded != file_sha256(folder / PSM_FILE):
             raise AdpsError(f"{onnx_path} was exported from another psm.pt: run `adps export` again.")
         return predictor
 

@@ -34,6 +34,7 @@ from adps.files import (
     swap_in_dir,
     write_text_atomically,
 )
+from adps.paths import PSM_FILE, THRESHOLDS_FILE
 from adps.runtime import resolve_device
 from adps.training.checkpoints import load_model
 
@@ -84,14 +85,14 @@ class Predictor:
         chosen for, so a checkpoint copied in from another category is refused.
         """
         model_dir = Path(model_dir)
-        if model_dir.suffix == ".pt" and model_dir.name != "psm.pt":
+        if model_dir.suffix == ".pt" and model_dir.name != PSM_FILE:
             raise AdpsError(
                 f"{model_dir} is not a deployable model (that is psm.pt with thresholds.json beside it): "
                 f"give the model folder, e.g. --model {model_dir.parent}"
             )
         folder = model_dir.parent if model_dir.suffix == ".pt" else model_dir
-        thresholds = read_thresholds(folder / "thresholds.json")
-        model, payload = load_model(folder / "psm.pt")
+        thresholds = read_thresholds(folder / THRESHOLDS_FILE)
+        model, payload = load_model(folder / PSM_FILE)
         check_model_pair(folder, payload, thresholds)
         return cls(model, payload["spec"], thresholds, device)
 
@@ -193,7 +194,7 @@ def check_model_pair(folder: Path, checkpoint: dict[str, Any], thresholds: dict[
     recorded = thresholds.get("checkpoint_sha256")
     if recorded is None:
         logger.warning("%s predates model identity checks; run `adps evaluate` to record it", folder)
-    elif recorded != file_sha256(folder / "psm.pt"):
+    elif recorded != file_sha256(folder / PSM_FILE):
         owner = checkpoint.get("category", "another category")
         raise AdpsError(
             f"{folder / 'psm.pt'} is not the checkpoint {folder / 'thresholds.json'} was chosen for "

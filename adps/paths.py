@@ -17,6 +17,8 @@ DATA_ROOT = Path("data")
 MODELS_ROOT = Path("models")
 REPORTS_ROOT = Path("reports")
 LOCKS_ROOT = Path(".adps") / "locks"  # git-ignored
+# A model folder's files: psm.pt + thresholds.json are the deployable model, model.onnx its export.
+STUDENT_FILE, PSM_FILE, THRESHOLDS_FILE, ONNX_FILE = "student.pt", "psm.pt", "thresholds.json", "model.onnx"
 
 
 def in_project(params: Params, path: Path) -> str:
@@ -66,20 +68,20 @@ def model_dir(params: Params, category: str) -> Path:
 
 
 def student_checkpoint(params: Params, category: str) -> Path:
-    return model_dir(params, category) / "student.pt"
+    return model_dir(params, category) / STUDENT_FILE
 
 
 def psm_checkpoint(params: Params, category: str) -> Path:
-    return model_dir(params, category) / "psm.pt"
+    return model_dir(params, category) / PSM_FILE
 
 
 def thresholds_file(params: Params, category: str) -> Path:
-    return model_dir(params, category) / "thresholds.json"
+    return model_dir(params, category) / THRESHOLDS_FILE
 
 
 def onnx_file(params: Params, category: str) -> Path:
     """``models/<category>/model.onnx``: the whole inference path for ONNX Runtime (``adps export``)."""
-    return model_dir(params, category) / "model.onnx"
+    return model_dir(params, category) / ONNX_FILE
 
 
 def resume_checkpoint(final: Path) -> Path:
@@ -98,6 +100,14 @@ def metrics_file(params: Params, category: str) -> Path:
 
 def plots_dir(params: Params, category: str) -> Path:
     return params.root / REPORTS_ROOT / "plots" / category
+
+
+PLOT_FILES = ("image_roc.json", "pixel_roc.json", "image_pr.json", "pixel_pr.json", "curves.png", "heatmaps.png")
+
+
+def plot_files(params: Params, category: str) -> list[Path]:
+    """``reports/plots/<category>/``: ROC and PR curves (``dvc plots``), their figure and the heatmap grid."""
+    return [plots_dir(params, category) / name for name in PLOT_FILES]
 
 
 def heatmaps_dir(params: Params, category: str) -> Path:

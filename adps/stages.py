@@ -13,6 +13,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -510,3 +511,133 @@ def summarize(params: Params) -> dict[str, Any]:
                 raise AdpsError(f"{path} is not valid JSON ({err}): rerun `adps evaluate -c {category}`.") from err
             rows[category] = {k: metrics.get(k) for k in METRIC_NAMES}
     return rows
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage as the CLI, the Prefect flow and ``dvc.yaml`` all know it.
+
+    ``params``: the params keys and sections it reads (dvc.yaml's ``params``); ``outs``: every file
+    or folder it writes for a category (dvc.yaml's ``outs``, ``metrics`` and ``plots``).
+    ``tests/unit/test_stage_table.py`` checks dvc.yaml against this table.
+    """
+
+    name: str
+    run: Callable[..., dict[str, Any]]
+    per_category: bool
+    summary: str
+    params: tuple[str, ...]
+    outs: Callable[[Params, str], list[Path]]
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage(
+        "prepare",
+        prepare,
+        False,
+        "Build the embedded synthetic dataset, or import MVTec AD, KolektorSDD2 or a folder set.",
+        ("runtime.seed", "data.source", "data.categories", "data.import_path", "data.folder", "synthetic"),
+        lambda params, category: [paths.dataset_dir(params)],
+    ),
+    Stage(
+        "validate",
+        validate,
+        True,
+        "Check a category's images with Great Expectations; exit 1 and list every bad file on failure.",
+        ("validation",),
+        lambda params, category: [
+            paths.data_docs_dir(params, category),
+            paths.validation_metadata_csv(params, category),
+            paths.validation_failures_csv(params, category),
+            paths.validation_summary(params, category),
+        ],
+    ),
+    Stage(
+        "distill",
+        distill,
+        True,
+        "Stage 1: asymmetric distillation of the student; writes models/<category>/student.pt (resumable).",
+        (
+            "runtime.seed",
+            "runtime.threads",
+            "runtime.device",
+            "data.image_size",
+            "data.normalize_mean",
+            "data.normalize_std",
+            "data.val_fraction",
+            "synthesis",
+            "model",
+            "loss.push_weight",
+            "loss.push_floor",
+            "loss.mask_threshold",
+            "train.distill",
+        ),
+        lambda params, category: [
+            paths.student_checkpoint(params, category),
+            paths.train_history(params, category, "distill"),
+        ],
+    ),
+    Stage(
+        "psm",
+        psm,
+        True,
+        "Stage 2: train the Post-Segmentation Module through the WMB; writes models/<category>/psm.pt (resumable).",
+        (
+            "runtime.seed",
+            "runtime.threads",
+            "runtime.device",
+            "data.image_size",
+            "data.normalize_mean",
+            "data.normalize_std",
+            "data.val_fraction",
+            "synthesis",
+            "model",
+            "loss",
+            "train.psm",
+        ),
+        lambda params, category: [paths.psm_checkpoint(params, category), paths.train_history(params, category, "psm")],
+    ),
+    Stage(
+        "evaluate",
+        evaluate,
+        True,
+        "Choose thresholds on the validation split, compute test metrics, curves and heatmaps.",
+        (
+            "runtime.seed",
+            "runtime.threads",
+            "data.image_size",
+            "data.val_fraction",
+            "synthesis",
+            "score",
+            "threshold",
+            "evaluation",
+        ),
+        lambda params, category: [
+            paths.thresholds_file(params, category),
+            paths.heatmaps_dir(params, category),
+            paths.metrics_file(params, category),
+            *paths.plot_files(params, category),
+        ],
+    ),
+    Stage(
+        "export",
+        export,
+        True,
+        "Export the category's deployable model to models/<category>/model.onnx (ONNX Runtime, no PyTorch).",
+        (),
+        lambda params, category: [paths.onnx_file(params, category)],
+    ),
+    Stage(
+        "register",
+        register,
+        True,
+        "Log the category's MLflow run and register its model as adps-<category> (alias challenger).",
+        ("tracking", "registry"),
+        lambda params, category: [paths.registry_record(params, category)],
+    ),
+)
+
+
+def pipeline_stage(name: str) -> Stage:
+    """The stage named ``name`` of :data:`PIPELINE`."""
+    return next(stage for stage in PIPELINE if stage.name == name)

@@ -13,7 +13,6 @@ the others go on. ``force=True`` runs every stage.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -34,8 +33,8 @@ TRANSIENT_RETRIES = 2  # for I/O with servers (MLflow, DVC remote); training nev
 UNCHANGED = "Unchanged"  # state name of a stage DVC reports up to date
 
 
-def stage_task(stage: Callable[..., dict[str, Any]], retries: int = 0):
-    """A Prefect task running one ``adps.stages`` function, unless DVC says the stage is up to date.
+def stage_task(stage: stages.Stage, retries: int = 0):
+    """A Prefect task running one stage of the table ``adps.stages.PIPELINE``, unless DVC says it is up to date.
 
     Its runs are named like the dvc.yaml stage (``prepare``, ``distill@fabric``). ``params_path`` is
     absolute: the task may run in another process or on another host (a Dask worker).
@@ -43,21 +42,21 @@ def stage_task(stage: Callable[..., dict[str, Any]], retries: int = 0):
 
     def run(params_path: str, category: str | None = None, force: bool = False) -> Any:
         params = load_params(params_path)
-        target = versioning.stage_name(stage.__name__, category)
+        target = versioning.stage_name(stage.name, category)
         if not force:
             reason = versioning.why_stale(params, target)
             if reason is None:
                 return Completed(name=UNCHANGED, message=f"{target} is up to date (dvc status): skipped")
             get_run_logger().info("%s is stale: %s", target, reason)
-        return stage(params, *([category] if category else []))
+        return stage.run(params, *([category] if category else []))
 
     def run_name() -> str:
-        return versioning.stage_name(stage.__name__, task_run.parameters.get("category"))
+        return versioning.stage_name(stage.name, task_run.parameters.get("category"))
 
-    run.__name__ = run.__qualname__ = stage.__name__
+    run.__name__ = run.__qualname__ = stage.name
     return task(
         run,
-        name=stage.__name__,
+        name=stage.name,
         task_run_name=run_name,
         cache_policy=NO_CACHE,
         retries=retries,
@@ -65,20 +64,10 @@ def stage_task(stage: Callable[..., dict[str, Any]], retries: int = 0):
     )
 
 
-prepare_task = stage_task(stages.prepare)
-validate_task = stage_task(stages.validate)
-distill_task = stage_task(stages.distill)
-psm_task = stage_task(stages.psm)
-evaluate_task = stage_task(stages.evaluate)
-export_task = stage_task(stages.export)
-register_task = stage_task(stages.register, retries=TRANSIENT_RETRIES)
-CHAIN_TASKS = {  # one category's stages, in order
-    "validate": validate_task,
-    "distill": distill_task,
-    "psm": psm_task,
-    "evaluate": evaluate_task,
-    "export": export_task,
-    "register": register_task,
+RETRIES = {"register": TRANSIENT_RETRIES}  # only the stages that talk to a server retry
+prepare_task = stage_task(stages.pipeline_stage("prepare"))
+CHAIN_TASKS = {  # one category's stages, in the table's order
+    stage.name: stage_task(stage, RETRIES.get(stage.name, 0)) for stage in stages.PIPELINE if stage.per_category
 }
 
 
