@@ -19,7 +19,7 @@ from typing import Any
 
 from adps import paths
 from adps.config import METRIC_NAMES, Params
-from adps.data import layout, synthetic
+from adps.data import embedded, layout
 from adps.data.datasets import LabelledDataset, TrainDataset
 from adps.data.images import load_rgb
 from adps.data.splits import category_splits, check_category
@@ -114,7 +114,7 @@ def build_category(params: Params, category: str, dest: Path) -> None:
     source = paths.import_dir(params)
     skipped: list[layout.Skipped] = []
     if data.source == "synthetic":
-        synthetic.generate_category(
+        embedded.generate_category(
             category, params.synthetic, params.runtime.seed, dest, progress=progress_enabled(params)
         )
     elif data.source == "mvtec":

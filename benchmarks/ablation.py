@@ -30,7 +30,7 @@ from adps.data.datasets import LabelledDataset
 from adps.data.splits import category_splits
 from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
-from adps.model.adps import cosine_anomaly_map
+from adps.model.network import cosine_anomaly_map
 from adps.runtime import setup_torch
 from adps.training.checkpoints import input_normalizer, load_model
 

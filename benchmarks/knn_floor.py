@@ -23,7 +23,7 @@ from adps.data.datasets import LabelledDataset
 from adps.data.splits import category_splits
 from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
-from adps.model.adps import AdpsModel
+from adps.model.network import AdpsModel
 from adps.model.weights import load_teacher_weights
 from adps.training.checkpoints import input_normalizer
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from adps import tracking
 from adps.config import load_params
-from adps.data.synthetic import write_new_images
+from adps.data.embedded import write_new_images
 
 DEPLOYMENT = "adps-pipeline/nightly"
 

@@ -15,7 +15,7 @@ import yaml
 
 import adps  # noqa: F401  (turns telemetry off for every tool before anything else imports them)
 from adps.config import Params, params_from_dict
-from adps.data.synthetic import generate_category
+from adps.data.embedded import generate_category
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import Dataset
 
 from adps.config import SynthesisParams
+from adps.data.anomalies import AnomalySynthesizer
 from adps.data.images import load_mask, load_rgb
 from adps.data.layout import Sample
-from adps.data.synthesis import AnomalySynthesizer
 from adps.errors import DatasetError
 
 Array = np.ndarray

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from adps.config import Params
 from adps.data.datasets import ValidationDataset
-from adps.model.adps import AdpsModel
+from adps.model.network import AdpsModel
 from adps.training.checkpoints import input_normalizer
 
 MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

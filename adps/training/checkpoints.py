@@ -21,8 +21,8 @@ from adps.config import Params, ScoreParams
 from adps.data.datasets import Normalizer
 from adps.errors import AdpsError
 from adps.files import write_atomically
-from adps.model.adps import AdpsModel
 from adps.model.backbones import input_normalization
+from adps.model.network import AdpsModel
 
 FORMAT_VERSION = 1
 

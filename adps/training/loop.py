@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from adps.config import PhaseParams
-from adps.model.adps import AdpsModel
+from adps.model.network import AdpsModel
 from adps.training.checkpoints import read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)

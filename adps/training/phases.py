@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from adps.config import LossParams, PsmPhaseParams
-from adps.model.adps import AdpsModel
 from adps.model.losses import distillation_loss, focal_loss
+from adps.model.network import AdpsModel
 
 
 def distill_loss_of(model: AdpsModel, image: torch.Tensor, mask: torch.Tensor, loss: LossParams):

@@ -54,7 +54,7 @@ def test_second_repro_is_a_noop_and_status_is_clean(dvc_project):
 def test_a_change_to_the_scorer_makes_evaluate_stale(dvc_project):
     """The scorer lives in adps/model: evaluate@C must rerun when it changes, even if training gives the same bytes."""
     root, env, _ = dvc_project
-    scorer = root / "adps/model/adps.py"
+    scorer = root / "adps/model/network.py"
     original = scorer.read_text()
     scorer.write_text(original + "\n# a changed scorer\n")
     try:
@@ -62,7 +62,7 @@ def test_a_change_to_the_scorer_makes_evaluate_stale(dvc_project):
     finally:
         scorer.write_text(original)
     changed = [d for entry in status["evaluate@washer"] for d in entry.get("changed deps", {})]
-    assert any(Path("adps/model/adps.py").is_relative_to(dep) for dep in changed), changed  # DVC names the folder
+    assert any(Path("adps/model/network.py").is_relative_to(dep) for dep in changed), changed  # DVC names the folder
     assert "up to date" in run(["dvc", "status"], root, env)
 
 

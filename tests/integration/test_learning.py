@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from adps import paths, stages
+from adps.data.embedded import generate_category
 from adps.data.layout import build_sample_index
-from adps.data.synthetic import generate_category
 from adps.evaluation.naive import naive_baseline_scores
 from adps.model.weights import SOURCES, read_state_dict, remap_lite
 from adps.training.checkpoints import read_checkpoint

@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
-from adps.data.synthetic import write_new_images
+from adps.data.embedded import write_new_images
 from flows.pipeline import adps_pipeline
 from tests.conftest import make_dvc_project, project_env, run, tiny_params
 

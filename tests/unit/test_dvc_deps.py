@@ -34,7 +34,7 @@ def test_each_stage_depends_on_every_file_it_runs(stage):
 
 def test_the_analysis_sees_what_the_scorer_and_the_importer_live_in():
     """The two files the bug report named: the scorer (model) for evaluate, the layout for every data stage."""
-    assert "adps/model/adps.py" in stage_files("evaluate")
+    assert "adps/model/network.py" in stage_files("evaluate")
     assert {"adps/data/layout.py", "adps/data/images.py"} <= stage_files("prepare")
     assert "adps/data/images.py" in stage_files("distill") and "adps/tracking.py" not in stage_files("distill")
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from adps.model.adps import AdpsModel, AdpsOutput, cosine_anomaly_map, weight_mask
 from adps.model.backbones import Student, Teacher, split_into_patches, stitch_patches
+from adps.model.network import AdpsModel, AdpsOutput, cosine_anomaly_map, weight_mask
 from adps.model.weights import TeacherWeightsError, load_teacher_weights
 
 

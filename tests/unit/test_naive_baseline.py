@@ -1,8 +1,8 @@
 """The embedded dataset must not be trivially easy: the naive baseline's mean pixel AP stays < 0.6."""
 
 from adps.config import Params
+from adps.data.embedded import generate_category
 from adps.data.layout import build_sample_index
-from adps.data.synthetic import generate_category
 from adps.evaluation.naive import naive_baseline_scores
 
 

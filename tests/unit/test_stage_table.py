@@ -49,7 +49,9 @@ def differences(pipeline: dict[str, Any], params: Params) -> list[str]:
             problems.append(f"{stage.name} params: dvc.yaml {body.get('params', [])}, table {list(stage.params)}")
         expected = {paths.in_project(params, p) for p in stage.outs(params, CATEGORY)}
         if declared_outs(body, params) != expected:
-            problems.append(f"{stage.name} outs: dvc.yaml {sorted(declared_outs(body, params))}, table {sorted(expected)}")
+            problems.append(
+                f"{stage.name} outs: dvc.yaml {sorted(declared_outs(body, params))}, table {sorted(expected)}"
+            )
     return problems
 
 

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from adps.config import SynthesisParams
-from adps.data.synthesis import AnomalySynthesizer, perlin_mask, perlin_noise
+from adps.data.anomalies import AnomalySynthesizer, perlin_mask, perlin_noise
 from adps.errors import DatasetError
 
 

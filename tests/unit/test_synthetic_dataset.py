@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from adps.config import SyntheticParams
+from adps.data.embedded import DEFECTS, RENDERERS, generate_category, generate_image, image_rng, sample_pose
 from adps.data.layout import build_sample_index
-from adps.data.synthetic import DEFECTS, RENDERERS, generate_category, generate_image, image_rng, sample_pose
 
 CFG = SyntheticParams(image_size=64, n_train=3, n_test_good=2, n_test_defect=1)
 
