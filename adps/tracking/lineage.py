@@ -1,6 +1,6 @@
 """What a registered model is made of and where it came from.
 
-Its identity (weights, thresholds, serving code), the code bundle, git state, the dataset manifest
+Its identity (weights, thresholds, the code that serves it), git state, the dataset manifest
 and the changes between two manifests or two sets of params.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -60,15 +59,6 @@ def served_code_digest() -> str:
     for path in served_code():
         digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-def bundle_code(folder: Path) -> Path:
-    """Copy :func:`served_code` into ``folder/adps`` (the package tree the model loads); returns that folder."""
-    target = folder / PACKAGE_DIR.name
-    for path in served_code():
-        (target / path.relative_to(PACKAGE_DIR)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target / path.relative_to(PACKAGE_DIR))
-    return target
 
 
 def git_tags(root: Path) -> dict[str, str]:

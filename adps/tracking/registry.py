@@ -20,7 +20,6 @@ from adps.tracking.lineage import (
     MANIFEST_ARTIFACT,
     PACKAGE_DIR,
     SERVING_CODE,
-    bundle_code,
     data_changes,
     data_manifest,
     file_md5,
@@ -83,7 +82,7 @@ def log_pyfunc(params: Params, category: str):
             name="model",
             python_model=str(SERVING_CODE),
             artifacts={"model_dir": str(bundle)},
-            code_paths=[str(bundle_code(Path(tmp) / "code"))],
+            code_paths=[str(PACKAGE_DIR)],  # the whole package: a process that loaded the model may start others
             signature=signature,
             pip_requirements=pip_requirements(),
         )
