@@ -230,9 +230,9 @@ def load_predictor(model: str, params_path: Path | None, device: str, engine: st
     if engine == "onnx":
         if model.startswith("models:/"):
             raise AdpsError("--engine onnx takes a model folder with model.onnx (adps export), not a registry URI")
-        from adps.export import OnnxPredictor
+        from adps.export import onnx_predictor
 
-        return OnnxPredictor.from_dir(Path(model)).to(device)
+        return onnx_predictor(Path(model)).to(device)
     if not model.startswith("models:/"):
         return Predictor.from_dir(Path(model), device)
     from adps import tracking

@@ -92,7 +92,7 @@ class SyntheticParams(Section):
     noise_std: float = Field(0.012, ge=0.0, le=0.2)
 
 
-class SynthesisParams(Section):
+class AnomalyParams(Section):
     texture_dir: Path | None = None
     n_procedural_textures: int = Field(24, ge=1)
     normal_prob: float = Field(0.5, ge=0.0, le=1.0)
@@ -264,7 +264,7 @@ class Params(Section):
     runtime: RuntimeParams = RuntimeParams()
     data: DataParams = DataParams()
     synthetic: SyntheticParams = SyntheticParams()
-    synthesis: SynthesisParams = SynthesisParams()
+    anomalies: AnomalyParams = AnomalyParams()
     validation: ValidationParams = ValidationParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
@@ -292,8 +292,8 @@ class Params(Section):
         tunable = set(flatten_params(self, include_tune=False))
         unknown = sorted(set(self.tune.space) - tunable)
         if unknown:
-            close = {k: difflib.get_close_matches(k, tunable, n=1) for k in unknown}
-            hints = ", ".join(f"'{k}'" + (f" (did you mean '{c[0]}'?)" if c else "") for k, c in close.items())
+            close = {k: renamed_key(k) or next(iter(difflib.get_close_matches(k, tunable, n=1)), None) for k in unknown}
+            hints = ", ".join(f"'{k}'" + (f" (did you mean '{c}'?)" if c else "") for k, c in close.items())
             raise ValueError(f"tune.space names parameters that do not exist: {hints}")
         fixed = {key: why for key in self.tune.space if (why := not_tunable(key))}
         if fixed:
@@ -326,6 +326,15 @@ class Params(Section):
         if problem:
             raise ValueError(problem)
         return self
+
+
+RENAMED = {"synthesis": "anomalies"}  # params sections renamed since 0.1.0: old name -> new name
+
+
+def renamed_key(key: str) -> str | None:
+    """The current name of a dotted params key whose section was renamed (``synthesis.x`` -> ``anomalies.x``)."""
+    section, dot, rest = key.partition(".")
+    return RENAMED[section] + dot + rest if section in RENAMED else None
 
 
 NOT_TUNABLE = {  # key prefix -> why a trial cannot tune it
@@ -464,6 +473,8 @@ def describe_error(error: dict[str, Any]) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "<root>"
     if error["type"] == "extra_forbidden":
+        if new := renamed_key(key):
+            return f"'{key}' was renamed '{new}': rename it in the params file"
         allowed = allowed_keys(loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
@@ -503,6 +514,14 @@ def set_dotted(tree: Any, key: str, value: Any) -> None:
     for part in parents:
         tree = tree.setdefault(part, {})
     tree[leaf] = value
+
+
+def dotted_value(params: Params, key: str) -> Any:
+    """The JSON value of a params key or section, ``"loss.push_weight"`` or ``"model"``."""
+    value: Any = params.model_dump(mode="json")
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 
 from adps.errors import AdpsError
 from adps.files import file_sha256, write_atomically
-from adps.inference import Predictor, read_thresholds
+from adps.inference import Predictor, TorchEngine, read_thresholds
 from adps.paths import ONNX_FILE, PSM_FILE, THRESHOLDS_FILE
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,12 @@ class MapsAndScores(torch.nn.Module):
         return out.anomaly_map, out.image_score
 
 
-def onnx_metadata(predictor: Predictor, folder: Path) -> dict[str, str]:
-    thresholds = predictor.thresholds
+def onnx_metadata(engine: TorchEngine, thresholds: dict[str, Any], folder: Path) -> dict[str, str]:
     return {
         "format": "adps-onnx-1",
-        "image_size": str(predictor.size),
-        "normalize_mean": json.dumps(predictor.normalize.mean.flatten().tolist()),
-        "normalize_std": json.dumps(predictor.normalize.std.flatten().tolist()),
+        "image_size": str(engine.size),
+        "normalize_mean": json.dumps(engine.normalize.mean.flatten().tolist()),
+        "normalize_std": json.dumps(engine.normalize.std.flatten().tolist()),
         "preprocessing": "RGB, bilinear resize to image_size, x/255, (x - mean) / std, NCHW float32",
         "image_threshold": str(thresholds["image"]),
         "pixel_threshold": str(thresholds["pixel"]),
@@ -63,8 +62,9 @@ def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
     import onnx
 
     predictor = Predictor.from_dir(folder, "cpu")
-    wrapped = MapsAndScores(predictor.model).eval()
-    example = torch.zeros(2, 3, predictor.size, predictor.size)
+    engine = predictor.engine
+    wrapped = MapsAndScores(engine.model).eval()
+    example = torch.zeros(2, 3, engine.size, engine.size)
     buffer = io.BytesIO()
     # The TorchScript exporter: 0.7 s here against 14 s for dynamo=True, with the same maps (measured
     # on Lite0 at 128 px: max difference 6e-8 to PyTorch either way).
@@ -81,49 +81,46 @@ def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
             dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
         )
     proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in onnx_metadata(predictor, folder).items():
+    for key, value in onnx_metadata(engine, predictor.thresholds, folder).items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
     write_atomically(target, lambda tmp: onnx.save(proto, str(tmp)))
     return {"onnx": str(target), "opset": OPSET, "bytes": target.stat().st_size}
 
 
-class OnnxPredictor(Predictor):
-    """A :class:`Predictor` whose forward pass runs in ONNX Runtime (no PyTorch model is built)."""
+class OnnxEngine:
+    """The forward pass in ONNX Runtime (no PyTorch model is built); size and normalisation from the metadata."""
 
-    def __init__(self, onnx_path: Path, thresholds: dict[str, Any], threads: int = 0):
+    def __init__(self, onnx_path: Path, threads: int = 0):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.size = int(meta["image_size"])
-        mean, std = json.loads(meta["normalize_mean"]), json.loads(meta["normalize_std"])
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.size = int(self.metadata["image_size"])
+        mean, std = json.loads(self.metadata["normalize_mean"]), json.loads(self.metadata["normalize_std"])
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self.thresholds = thresholds
-        self.device = torch.device("cpu")
 
-    @classmethod
-    def from_dir(cls, model_dir: Path, device: str = "cpu") -> OnnxPredictor:  # type: ignore[override]
-        folder = Path(model_dir)
-        onnx_path = folder / ONNX_FILE
-        if not onnx_path.is_file():
-            raise AdpsError(f"no model.onnx in {folder}: run `adps export -c <category>` first.")
-        thresholds = read_thresholds(folder / THRESHOLDS_FILE)
-        predictor = cls(onnx_path, thresholds)
-        recorded = predictor.session.get_modelmeta().custom_metadata_map.get("checkpoint_sha256")
-        if (folder / PSM_FILE).is_file() and recorded != file_sha256(folder / PSM_FILE):
-            raise AdpsError(f"{onnx_path} was exported from another psm.pt: run `adps export` again.")
-        return predictor
-
-    def to(self, device: str) -> OnnxPredictor:
+    def to(self, device: str) -> None:
         if device not in ("auto", "cpu"):
-            raise AdpsError("--runtime onnx runs on the CPU here: use --device auto or cpu")
-        return self
+            raise AdpsError("--engine onnx runs on the CPU here: use --device auto or cpu")
 
-    def predict_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         batch = ((np.stack(images) - self.mean) / self.std).transpose(0, 3, 1, 2).astype(np.float32)
         anomaly_map, score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
         return anomaly_map[:, 0], score
+
+
+def onnx_predictor(model_dir: Path, threads: int = 0) -> Predictor:
+    """A :class:`Predictor` of a model folder's model.onnx, refused when it was exported from another psm.pt."""
+    folder = Path(model_dir)
+    onnx_path = folder / ONNX_FILE
+    if not onnx_path.is_file():
+        raise AdpsError(f"no model.onnx in {folder}: run `adps export -c <category>` first.")
+    thresholds = read_thresholds(folder / THRESHOLDS_FILE)
+    engine = OnnxEngine(onnx_path, threads)
+    if (folder / PSM_FILE).is_file() and engine.metadata.get("checkpoint_sha256") != file_sha256(folder / PSM_FILE):
+        raise AdpsError(f"{onnx_path} was exported from another psm.pt: run `adps export` again.")
+    return Predictor(engine, thresholds)

@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from adps.training.checkpoints import load_model
 
 logger = logging.getLogger(__name__)
 CSV_COLUMNS = ("path", "score", "is_anomalous", "threshold", "heatmap", "error")
-THRESHOLD_KEYS = ("image", "pixel", "score")
+THRESHOLD_KEYS = ("image", "pixel", "score", "checkpoint_sha256")
 
 
 @dataclass
@@ -67,14 +67,42 @@ class ImagePrediction:
     error: str = ""
 
 
-class Predictor:
-    """A loaded ADPS model with its preprocessing and thresholds."""
+class TorchEngine:
+    """The forward pass in PyTorch: the ADPS model with its input normalisation, on a device."""
 
-    def __init__(self, model: torch.nn.Module, spec: dict[str, Any], thresholds: dict[str, Any], device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module, spec: dict[str, Any], score: dict[str, Any], device: str = "cpu"):
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval().set_scoring(**thresholds["score"])
+        self.model = model.to(self.device).eval().set_scoring(**score)
         self.size = spec["image_size"]
         self.normalize = Normalizer(spec["normalize_mean"], spec["normalize_std"])
+
+    def to(self, device: str) -> None:
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        batch = torch.stack([self.normalize(img) for img in images]).to(self.device)
+        out = self.model(batch)
+        return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy()
+
+
+class Engine(Protocol):
+    """What a :class:`Predictor` runs: the model's input ``size`` and its forward pass on a batch."""
+
+    size: int
+
+    def to(self, device: str) -> None: ...
+
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Predictor:
+    """A loaded model (an :class:`Engine`: PyTorch, or ONNX Runtime in :mod:`adps.export`) with its thresholds."""
+
+    def __init__(self, engine: Engine, thresholds: dict[str, Any]):
+        self.engine = engine
+        self.size = engine.size
         self.thresholds = thresholds
 
     @classmethod
@@ -94,20 +122,16 @@ class Predictor:
         thresholds = read_thresholds(folder / THRESHOLDS_FILE)
         model, payload = load_model(folder / PSM_FILE)
         check_model_pair(folder, payload, thresholds)
-        return cls(model, payload["spec"], thresholds, device)
+        return cls(TorchEngine(model, payload["spec"], thresholds["score"], device), thresholds)
 
     def to(self, device: str) -> Predictor:
         """Move the model to ``device`` (auto, cpu or cuda)."""
-        self.device = resolve_device(device)
-        self.model.to(self.device)
+        self.engine.to(device)
         return self
 
-    @torch.no_grad()
     def predict_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W, 3) float images in [0, 1] at the model size -> maps (N, H, W) and scores (N,)."""
-        batch = torch.stack([self.normalize(img) for img in images]).to(self.device)
-        out = self.model(batch)
-        return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy()
+        return self.engine(images)
 
     def read(self, source: ImageSource) -> ImagePrediction:
         if source.error:
@@ -192,9 +216,7 @@ def check_model_pair(folder: Path, checkpoint: dict[str, Any], thresholds: dict[
             "run `adps psm` and `adps evaluate` for this category."
         )
     recorded = thresholds.get("checkpoint_sha256")
-    if recorded is None:
-        logger.warning("%s predates model identity checks; run `adps evaluate` to record it", folder)
-    elif recorded != file_sha256(folder / PSM_FILE):
+    if recorded != file_sha256(folder / PSM_FILE):
         owner = checkpoint.get("category", "another category")
         raise AdpsError(
             f"{folder / 'psm.pt'} is not the checkpoint {folder / 'thresholds.json'} was chosen for "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adps import paths
-from adps.config import METRIC_NAMES, Params
+from adps.config import METRIC_NAMES, Params, dotted_value
 from adps.data import embedded, layout
 from adps.data.datasets import LabelledDataset, TrainDataset
 from adps.data.images import load_rgb
@@ -101,7 +101,7 @@ def category_lock(params: Params, category: str):
 
 def train_dataset(params: Params, samples: list[layout.Sample], seed: int) -> TrainDataset:
     """Normal training images with synthetic anomalies, at the model's size and normalisation."""
-    return TrainDataset(samples, params.data.image_size, input_normalizer(params), params.synthesis, seed)
+    return TrainDataset(samples, params.data.image_size, input_normalizer(params), params.anomalies, seed)
 
 
 def build_category(params: Params, category: str, dest: Path) -> None:
@@ -258,17 +258,10 @@ def failures_csv(failures: list[dict[str, str]]) -> str:
 
 
 def phase_fingerprint(params: Params, category: str, phase: str, train_samples: list) -> str:
-    """Hash of what a phase's result depends on: params sections, category, training files."""
-    sections = ["data", "synthesis", "model", "loss"] + (["train"] if phase == "psm" else [])
-    payload = {name: getattr(params, name).model_dump(mode="json") for name in sections}
-    # what changes the numbers (as dvc.yaml lists them), not where or how the stage is orchestrated
-    payload["runtime"] = params.runtime.model_dump(mode="json", include={"seed", "threads", "device"})
-    payload.update(
-        phase=phase,
-        category=category,
-        distill=params.train.distill.model_dump(mode="json"),
-        files=[paths.in_project(params, s.image_path) for s in train_samples],
-    )
+    """Hash of what a phase's result depends on: the params its stage reads (its row of
+    :data:`PIPELINE`, the list dvc.yaml follows), the category and the training files."""
+    payload = {key: dotted_value(params, key) for key in pipeline_stage(phase).params}
+    payload.update(category=category, files=[paths.in_project(params, s.image_path) for s in train_samples])
     return fingerprint(payload)
 
 
@@ -565,7 +558,7 @@ PIPELINE: tuple[Stage, ...] = (
             "data.normalize_mean",
             "data.normalize_std",
             "data.val_fraction",
-            "synthesis",
+            "anomalies",
             "model",
             "loss.push_weight",
             "loss.push_floor",
@@ -590,7 +583,7 @@ PIPELINE: tuple[Stage, ...] = (
             "data.normalize_mean",
             "data.normalize_std",
             "data.val_fraction",
-            "synthesis",
+            "anomalies",
             "model",
             "loss",
             "train.psm",
@@ -607,7 +600,7 @@ PIPELINE: tuple[Stage, ...] = (
             "runtime.threads",
             "data.image_size",
             "data.val_fraction",
-            "synthesis",
+            "anomalies",
             "score",
             "threshold",
             "evaluation",

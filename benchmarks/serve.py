@@ -30,7 +30,7 @@ import torch
 from adps import paths
 from adps.config import load_params
 from adps.data.images import load_rgb
-from adps.export import OnnxPredictor
+from adps.export import onnx_predictor
 from adps.inference import Predictor
 
 BATCHES = (1, 8)
@@ -125,12 +125,12 @@ def main() -> None:
     folder = paths.model_dir(params, args.category)
     files = sorted(paths.category_dir(params, args.category).glob("test/*/*.png"))
     torch_predictor = Predictor.from_dir(folder, "cpu")
-    onnx_predictor = OnnxPredictor(paths.onnx_file(params, args.category), torch_predictor.thresholds, args.threads)
+    onnx_model = onnx_predictor(folder, args.threads)
     images = [load_rgb(f, torch_predictor.size) for f in files]
     rows = []
     for batch in BATCHES:
         rows.append(("PyTorch eager", batch, model_ms_per_image(torch_predictor, images, batch, args.repeats)))
-        rows.append(("ONNX Runtime", batch, model_ms_per_image(onnx_predictor, images, batch, args.repeats)))
+        rows.append(("ONNX Runtime", batch, model_ms_per_image(onnx_model, images, batch, args.repeats)))
     if not args.skip_rest:
         os.environ.setdefault("MLFLOW_TRACKING_URI", paths.absolute_sqlite_url(params.tracking.uri))
         server = serve(args.category, args.threads, port := free_port())

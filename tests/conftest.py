@@ -23,7 +23,7 @@ TINY: dict[str, Any] = {
     "runtime": {"seed": 7, "progress": False},
     "data": {"source": "synthetic", "categories": ["fabric", "washer"], "image_size": 64},
     "synthetic": {"image_size": 64, "n_train": 10, "n_test_good": 2, "n_test_defect": 1},
-    "synthesis": {"n_procedural_textures": 4},
+    "anomalies": {"n_procedural_textures": 4},
     "validation": {"min_train": 5},
     "model": {"teacher_weights": "none", "psm_head_channels": [8, 8]},
     "train": {

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from adps.config import SynthesisParams
+from adps.config import AnomalyParams
 from adps.data.images import load_rgb
 from adps.data.layout import list_images
 from adps.errors import DatasetError, ImageReadError
@@ -46,7 +46,7 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     return np.sqrt(2) * (top * (1 - t[..., 0]) + bottom * t[..., 0])
 
 
-def perlin_mask(size: int, cfg: SynthesisParams, rng: np.random.Generator) -> Array:
+def perlin_mask(size: int, cfg: AnomalyParams, rng: np.random.Generator) -> Array:
     """Boolean (size, size) anomaly mask: rotated Perlin noise above ``cfg.perlin_threshold``."""
     exps = [e for e in range(cfg.perlin_scale_exp_max) if size % (2**e) == 0]
     res = (2 ** int(rng.choice(exps)), 2 ** int(rng.choice(exps)))
@@ -79,7 +79,7 @@ def procedural_texture(size: int, rng: np.random.Generator) -> Array:
 class AnomalySynthesizer:
     """Turns a normal image into a (synthetic anomaly, mask) pair, reproducibly from a generator."""
 
-    def __init__(self, cfg: SynthesisParams, image_size: int, seed: int):
+    def __init__(self, cfg: AnomalyParams, image_size: int, seed: int):
         self.cfg = cfg
         self.size = image_size
         self.texture_paths: list[Path] = []
@@ -88,7 +88,7 @@ class AnomalySynthesizer:
             self.texture_paths = list_images(Path(cfg.texture_dir))
             if not self.texture_paths:
                 raise DatasetError(
-                    f"synthesis.texture_dir has no images: {cfg.texture_dir}. "
+                    f"anomalies.texture_dir has no images: {cfg.texture_dir}. "
                     "Point it at a folder of textures or set it to null for built-in ones."
                 )
         else:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from adps.config import SynthesisParams
+from adps.config import AnomalyParams
 from adps.data.anomalies import AnomalySynthesizer
 from adps.data.images import load_mask, load_rgb
 from adps.data.layout import Sample
@@ -41,14 +41,14 @@ class TrainDataset(Dataset):
     """
 
     def __init__(
-        self, samples: Sequence[Sample], size: int, normalize: Normalizer, synthesis: SynthesisParams, seed: int
+        self, samples: Sequence[Sample], size: int, normalize: Normalizer, anomalies: AnomalyParams, seed: int
     ):
         self.samples = list(samples)
         self.size = size
         self.seed = seed
         self.epoch = 0
         self.normalize = normalize
-        self.synthesize = AnomalySynthesizer(synthesis, self.size, seed)
+        self.synthesize = AnomalySynthesizer(anomalies, self.size, seed)
         self.cache: dict[int, Array] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -106,13 +106,13 @@ class ValidationDataset(Dataset):
     """
 
     def __init__(
-        self, samples: Sequence[Sample], size: int, normalize: Normalizer, synthesis: SynthesisParams, seed: int
+        self, samples: Sequence[Sample], size: int, normalize: Normalizer, anomalies: AnomalyParams, seed: int
     ):
         self.samples = list(samples)
         self.size = size
         self.seed = seed
         self.normalize = normalize
-        always = synthesis.model_copy(update={"normal_prob": 0.0})
+        always = anomalies.model_copy(update={"normal_prob": 0.0})
         self.synthesize = AnomalySynthesizer(always, self.size, seed)
 
     def __len__(self) -> int:
@@ -125,7 +125,7 @@ class ValidationDataset(Dataset):
             if mask.any():
                 return synthetic, mask
         raise DatasetError(
-            f"no synthetic anomaly in {SYNTHESIS_TRIES} draws: synthesis.perlin_threshold="
+            f"no synthetic anomaly in {SYNTHESIS_TRIES} draws: anomalies.perlin_threshold="
             f"{self.synthesize.cfg.perlin_threshold} leaves the Perlin masks empty; lower it (default 0.5)."
         )
 

@@ -64,5 +64,5 @@ def validation_predictions(
 ) -> Predictions:
     """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed)."""
     normalize = input_normalizer(params)
-    dataset = ValidationDataset(val, params.data.image_size, normalize, params.synthesis, params.runtime.seed + 2)
+    dataset = ValidationDataset(val, params.data.image_size, normalize, params.anomalies, params.runtime.seed + 2)
     return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress)

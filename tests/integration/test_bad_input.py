@@ -244,6 +244,10 @@ def test_malformed_thresholds_and_damaged_checkpoints_are_named(model_copy):
     (model_copy / "thresholds.json").write_text(json.dumps({"image": 0.5}))
     with pytest.raises(AdpsError, match=r"thresholds.json lacks pixel, score"):
         Predictor.from_dir(model_copy)
+    unbound = {k: v for k, v in json.loads(good).items() if k != "checkpoint_sha256"}
+    (model_copy / "thresholds.json").write_text(json.dumps(unbound))  # not tied to any psm.pt
+    with pytest.raises(AdpsError, match=r"thresholds.json lacks checkpoint_sha256: run `adps evaluate`"):
+        Predictor.from_dir(model_copy)
     (model_copy / "thresholds.json").write_text(good)
     payload = read_checkpoint(model_copy / "psm.pt")
     payload["state"].pop(next(iter(payload["state"])))
@@ -304,9 +308,9 @@ def test_psm_refuses_an_incomplete_student(trained_project, tmp_path, monkeypatc
 def test_synthesis_that_never_draws_an_anomaly_is_an_error_not_a_hang(trained_project, monkeypatch):
     root, _ = trained_project
     monkeypatch.chdir(root)
-    params = tiny_params(synthesis={"perlin_threshold": 0.999, "n_procedural_textures": 1})
+    params = tiny_params(anomalies={"perlin_threshold": 0.999, "n_procedural_textures": 1})
     _, val, _ = __import__("adps.data.splits", fromlist=["x"]).category_splits(params, "washer")
-    dataset = ValidationDataset(val, 64, input_normalizer(params), params.synthesis, 0)
+    dataset = ValidationDataset(val, 64, input_normalizer(params), params.anomalies, 0)
     with pytest.raises(AdpsError, match=r"perlin_threshold=0.999.*lower it"):
         dataset[len(val)]
 

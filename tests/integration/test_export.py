@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import rankdata
 
 from adps import paths, stages
-from adps.export import OnnxPredictor
+from adps.export import onnx_predictor
 from adps.inference import Predictor, predict_to_folder
 from tests.conftest import tiny_params
 
@@ -32,7 +32,7 @@ def test_onnx_maps_and_scores_match_pytorch_on_test_images(exported):
     root, result = exported
     images = sorted((root / "data/synthetic/washer/test").rglob("*.png"))
     torch_results = Predictor.from_dir(root / "models/washer", "cpu").predict_paths(images)
-    onnx_results = OnnxPredictor.from_dir(root / "models/washer").predict_paths(images)
+    onnx_results = onnx_predictor(root / "models/washer").predict_paths(images)
     torch_maps = np.stack([r.anomaly_map for r in torch_results])
     onnx_maps = np.stack([r.anomaly_map for r in onnx_results])
     assert np.abs(torch_maps - onnx_maps).max() < MAP_TOLERANCE
@@ -62,7 +62,7 @@ def test_predict_with_the_onnx_runtime_writes_maps_and_error_rows(exported, tmp_
     shutil.copy(root / "data/synthetic/washer/test/good/000.png", inputs / "nested" / "a.png")
     (inputs / "broken.png").write_bytes(b"not an image")
     result = predict_to_folder(
-        OnnxPredictor.from_dir(root / "models/washer"), inputs, tmp_path / "out", save_maps=tmp_path / "maps"
+        onnx_predictor(root / "models/washer"), inputs, tmp_path / "out", save_maps=tmp_path / "maps"
     )
     assert result["n_images"] == 2 and result["unreadable"] == [str(inputs / "broken.png")]
     assert np.load(tmp_path / "maps" / "nested" / "a.png.npy").shape == (64, 64)

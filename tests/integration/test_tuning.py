@@ -109,7 +109,7 @@ def test_failing_trial_is_recorded_as_failed(tuning_project, tmp_path):
     with pytest.raises(ParamsError, match=r"tune.space.model.patches: choice 3 cannot be used"):  # caught at load
         tune_params(tmp_path, space={**SPACE, "model.patches": {"type": "categorical", "choices": [3]}})
     never_anomalous = {"type": "categorical", "choices": [0.999]}  # valid, but no synthetic anomaly is ever drawn
-    params = tune_params(tmp_path, space={**SPACE, "synthesis.perlin_threshold": never_anomalous}, study_name="fail")
+    params = tune_params(tmp_path, space={**SPACE, "anomalies.perlin_threshold": never_anomalous}, study_name="fail")
     with pytest.raises(AdpsError, match="no completed trial"):
         tuning.tune(params, "washer", n_trials=1)
     assert load_study(params, "washer").trials[0].state == optuna.trial.TrialState.FAIL

@@ -45,12 +45,22 @@ def test_unknown_section_lists_allowed_sections():
         params_from_dict({"trian": {}})
 
 
+def test_a_renamed_section_names_its_new_name(tmp_path: Path):
+    old = tmp_path / "params.yaml"
+    old.write_text("synthesis:\n  normal_prob: 0.3\n")  # the training-anomaly section before its rename
+    with pytest.raises(ParamsError, match=r"'synthesis' was renamed 'anomalies': rename it in the params file"):
+        load_params(old)
+    tuned = {"tune": {"space": {"synthesis.beta_max": {"type": "float", "low": 0.5, "high": 0.9}}}}
+    with pytest.raises(ParamsError, match=r"'synthesis.beta_max' \(did you mean 'anomalies.beta_max'\?\)"):
+        params_from_dict(tuned)
+
+
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
         ({"data": {"image_size": 100}}, "data.image_size: Input should be a multiple of 32 (got 100)"),
         ({"data": {"source": "imagenet"}}, "data.source: Input should be 'synthetic', 'mvtec', 'kolektor' or 'folder'"),
-        ({"synthesis": {"normal_prob": 1.5}}, "synthesis.normal_prob: Input should be less than or equal to 1"),
+        ({"anomalies": {"normal_prob": 1.5}}, "anomalies.normal_prob: Input should be less than or equal to 1"),
         ({"data": {"categories": ["fabric", "marble"]}}, "unknown synthetic categories ['marble']"),
         ({"data": {"import_path": None}}, "data.import_path: "),
         ({"runtime": {"seed": "abc"}}, "runtime.seed: Input should be a valid integer"),

@@ -16,23 +16,23 @@ def samples(tiny_dataset_master):
 
 
 def test_train_items_are_reproducible_per_epoch(samples):
-    params = tiny_params(synthesis={"normal_prob": 0.0})
+    params = tiny_params(anomalies={"normal_prob": 0.0})
     train = [s for s in samples if s.split == "train"]
-    ds = TrainDataset(train, 64, input_normalizer(params), params.synthesis, seed=3)
+    ds = TrainDataset(train, 64, input_normalizer(params), params.anomalies, seed=3)
     item = ds[0]
     assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
     assert set(torch.unique(item["mask"]).tolist()) <= {0.0, 1.0}
     assert item["label"] == float(item["mask"].any())
-    again = TrainDataset(train, 64, input_normalizer(params), params.synthesis, seed=3)[0]
+    again = TrainDataset(train, 64, input_normalizer(params), params.anomalies, seed=3)[0]
     torch.testing.assert_close(item["image"], again["image"])
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["mask"], item["mask"]) or not torch.equal(ds[0]["image"], item["image"])
 
 
 def test_train_images_are_normalised(samples):
-    params = tiny_params(synthesis={"normal_prob": 1.0})
+    params = tiny_params(anomalies={"normal_prob": 1.0})
     item = TrainDataset(
-        [s for s in samples if s.split == "train"], 64, input_normalizer(params), params.synthesis, seed=0
+        [s for s in samples if s.split == "train"], 64, input_normalizer(params), params.anomalies, seed=0
     )[0]
     raw = torch.from_numpy(load_rgb(samples[0].image_path, 64).transpose(2, 0, 1))
     # the default backbone (EfficientNet-Lite, TF-ported weights) sees (255 x - 127) / 128

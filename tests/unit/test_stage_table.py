@@ -13,7 +13,7 @@ import yaml
 
 from adps import paths
 from adps.config import Params
-from adps.stages import PIPELINE
+from adps.stages import PIPELINE, phase_fingerprint
 from tests.conftest import REPO_ROOT, tiny_params
 
 CATEGORY = "washer"
@@ -74,3 +74,21 @@ def test_a_dvc_yaml_that_disagrees_with_the_table_is_caught():
     assert any(p.startswith("stages and order") for p in found)
     assert any(p.startswith("psm params") for p in found)
     assert any(p.startswith("evaluate outs") and "thresholds.yaml" in p for p in found)
+
+
+def test_a_phase_fingerprint_hashes_exactly_the_params_its_stage_lists():
+    base = tiny_params()
+
+    def stamps(**sections: Any) -> dict[str, str]:
+        params = tiny_params(**sections)
+        return {phase: phase_fingerprint(params, CATEGORY, phase, []) for phase in ("distill", "psm")}
+
+    before = stamps()
+    # listed by both training stages (dvc.yaml: anomalies) -> both change
+    assert all(before[p] != stamps(anomalies={"beta_max": 0.7})[p] for p in before)
+    # loss.focal_gamma: read by psm only (distill lists push_weight, push_floor, mask_threshold)
+    changed = stamps(loss={"focal_gamma": 3.0})
+    assert changed["distill"] == before["distill"] and changed["psm"] != before["psm"]
+    # listed by neither (an evaluation setting, a validation setting) -> neither changes
+    assert stamps(score={"sigma": 3.0}, validation={"min_side": 16}) == before
+    assert base.score.sigma != 3.0
