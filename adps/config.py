@@ -292,7 +292,7 @@ class Params(Section):
         tunable = set(flatten_params(self, include_tune=False))
         unknown = sorted(set(self.tune.space) - tunable)
         if unknown:
-            close = {k: renamed_key(k) or next(iter(difflib.get_close_matches(k, tunable, n=1)), None) for k in unknown}
+            close = {k: next(iter(difflib.get_close_matches(renamed_key(k) or k, tunable, n=1)), None) for k in unknown}
             hints = ", ".join(f"'{k}'" + (f" (did you mean '{c}'?)" if c else "") for k, c in close.items())
             raise ValueError(f"tune.space names parameters that do not exist: {hints}")
         fixed = {key: why for key in self.tune.space if (why := not_tunable(key))}

@@ -97,10 +97,16 @@ class OnnxEngine:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self.metadata = self.session.get_modelmeta().custom_metadata_map
-        self.size = int(self.metadata["image_size"])
-        mean, std = json.loads(self.metadata["normalize_mean"]), json.loads(self.metadata["normalize_std"])
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            self.metadata = self.session.get_modelmeta().custom_metadata_map
+            self.size = int(self.metadata["image_size"])
+            mean, std = json.loads(self.metadata["normalize_mean"]), json.loads(self.metadata["normalize_std"])
+        except Exception as err:  # onnxruntime raises its own types; any of them means the same here
+            raise AdpsError(
+                f"{onnx_path} is not a model.onnx written by `adps export` ({type(err).__name__}: {err}): "
+                "run `adps export` again."
+            ) from err
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
     def to(self, device: str) -> None:
@@ -114,13 +120,35 @@ class OnnxEngine:
 
 
 def onnx_predictor(model_dir: Path, threads: int = 0) -> Predictor:
-    """A :class:`Predictor` of a model folder's model.onnx, refused when it was exported from another psm.pt."""
-    folder = Path(model_dir)
+    """A :class:`Predictor` of a model folder's model.onnx (or of the folder of a given model.onnx or psm.pt).
+
+    model.onnx must be the export of exactly this folder's model: the psm.pt and the thresholds and
+    scoring of thresholds.json it was exported with (recorded in its metadata). Anything else is
+    refused, since the graph scores as it was exported, whatever thresholds.json says now.
+    """
+    model_dir = Path(model_dir)
+    folder = model_dir.parent if model_dir.suffix in (".onnx", ".pt") else model_dir
     onnx_path = folder / ONNX_FILE
     if not onnx_path.is_file():
         raise AdpsError(f"no model.onnx in {folder}: run `adps export -c <category>` first.")
     thresholds = read_thresholds(folder / THRESHOLDS_FILE)
     engine = OnnxEngine(onnx_path, threads)
-    if (folder / PSM_FILE).is_file() and engine.metadata.get("checkpoint_sha256") != file_sha256(folder / PSM_FILE):
-        raise AdpsError(f"{onnx_path} was exported from another psm.pt: run `adps export` again.")
+    if stale := export_mismatch(engine.metadata, thresholds, folder):
+        raise AdpsError(f"{onnx_path} was not exported from this folder's model ({stale}): run `adps export` again.")
     return Predictor(engine, thresholds)
+
+
+def export_mismatch(metadata: dict[str, str], thresholds: dict[str, Any], folder: Path) -> str:
+    """What differs between model.onnx's metadata and the folder's psm.pt and thresholds.json ('' when none)."""
+    exported = metadata.get("checkpoint_sha256")
+    if (folder / PSM_FILE).is_file() and exported != file_sha256(folder / PSM_FILE):
+        return "its psm.pt differs"
+    if exported != thresholds["checkpoint_sha256"]:
+        return "thresholds.json was chosen for another psm.pt"
+    recorded = {
+        "image_threshold": str(thresholds["image"]),
+        "pixel_threshold": str(thresholds["pixel"]),
+        "score": json.dumps(thresholds["score"]),
+    }
+    differ = [key for key, value in recorded.items() if metadata.get(key) != value]
+    return f"thresholds.json has another {', '.join(differ)}" if differ else ""

@@ -220,8 +220,8 @@ def check_model_pair(folder: Path, checkpoint: dict[str, Any], thresholds: dict[
         owner = checkpoint.get("category", "another category")
         raise AdpsError(
             f"{folder / 'psm.pt'} is not the checkpoint {folder / 'thresholds.json'} was chosen for "
-            f"(it was trained for {owner}); restore the folder from DVC (`dvc checkout`) or rerun "
-            f"`adps evaluate` for {thresholds.get('category', 'this category')}."
+            f"(it was trained for {owner}); restore the folder from DVC (`dvc checkout`), or rerun "
+            f"`adps evaluate` for {owner} to choose thresholds for this psm.pt."
         )
 
 

@@ -257,12 +257,25 @@ def failures_csv(failures: list[dict[str, str]]) -> str:
     return pd.DataFrame(failures, columns=["file", "check", "reason"]).to_csv(index=False)
 
 
-def phase_fingerprint(params: Params, category: str, phase: str, train_samples: list) -> str:
+def phase_fingerprint(params: Params, category: str, phase: str, train_samples: list, teacher_weights: str = "") -> str:
     """Hash of what a phase's result depends on: the params its stage reads (its row of
-    :data:`PIPELINE`, the list dvc.yaml follows), the category and the training files."""
+    :data:`PIPELINE`, the list dvc.yaml follows), the category, and the contents of what it reads
+    from disk: the training images, the texture images and the teacher weights (their record names
+    the file's sha256)."""
     payload = {key: dotted_value(params, key) for key in pipeline_stage(phase).params}
-    payload.update(category=category, files=[paths.in_project(params, s.image_path) for s in train_samples])
+    payload.update(
+        category=category,
+        files={paths.in_project(params, s.image_path): file_sha256(s.image_path) for s in train_samples},
+        textures=texture_digests(params),
+        teacher_weights=teacher_weights,
+    )
     return fingerprint(payload)
+
+
+def texture_digests(params: Params) -> dict[str, str]:
+    """sha256 of each image of ``anomalies.texture_dir`` (empty with the built-in procedural textures)."""
+    folder = params.anomalies.texture_dir
+    return {} if folder is None else {p.name: file_sha256(p) for p in layout.list_images(Path(folder))}
 
 
 def finish_phase(
@@ -296,7 +309,7 @@ def distill(params: Params, category: str) -> dict[str, Any]:
         calibrate_batchnorm(model.teacher.net, normal_batches(train, params))
     model.to(device)
     final = paths.student_checkpoint(params, category)
-    stamp = phase_fingerprint(params, category, "distill", train)
+    stamp = phase_fingerprint(params, category, "distill", train, teacher_weights)
     phase = Phase(
         "distill",
         params.train.distill,

@@ -42,6 +42,7 @@ from adps.config import (
     override_params,
     params_from_dict,
     params_path_or_project,
+    renamed_key,
     set_dotted,
 )
 from adps.data.splits import category_splits
@@ -432,13 +433,18 @@ def apply_best_params(params_path: Path | None, category: str) -> dict[str, Any]
     if not best_file.is_file():
         raise AdpsError(f"no {best_file}: run `adps tune --category {category}` first")
     best = yaml.safe_load(best_file.read_text())
+    current = flatten_params(params)
+    if unknown := [k for k in flatten_tree(best) if k not in current]:
+        named = ", ".join(f"'{k}'" + (f" (now '{renamed_key(k)}')" if renamed_key(k) else "") for k in unknown)
+        raise AdpsError(
+            f"{best_file} names parameters that do not exist: {named}; run `adps tune -c {category}` again."
+        )
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
     yaml_rt.representer.add_representer(
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
     )
     document = yaml_rt.load(params_path.read_text())
-    current = flatten_params(params)
     flat = {k: v for k, v in flatten_tree(best).items() if current.get(k) != v}  # touch only what changes
     for key, value in flat.items():
         set_dotted(document, key, value)

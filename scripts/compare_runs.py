@@ -55,7 +55,12 @@ def open_file(path: Path) -> Any:
 
 
 def compare(before_root: Path, after_root: Path) -> int:
+    for root in (before_root, after_root):
+        if not root.is_dir():
+            sys.exit(f"error: {root} is not a folder (give the project folders of two `make run`s)")
     files = compared_files(before_root)
+    if not files:
+        sys.exit(f"error: {before_root} holds no models/*/ or reports/metrics/ outputs: run `make run` there first")
     missing = [f for f in files if not (after_root / f).is_file()]
     extra = [f for f in compared_files(after_root) if f not in files]
     changed = 0

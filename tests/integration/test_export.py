@@ -10,6 +10,7 @@ import pytest
 from scipy.stats import rankdata
 
 from adps import paths, stages
+from adps.errors import AdpsError
 from adps.export import onnx_predictor
 from adps.inference import Predictor, predict_to_folder
 from tests.conftest import tiny_params
@@ -66,3 +67,36 @@ def test_predict_with_the_onnx_runtime_writes_maps_and_error_rows(exported, tmp_
     )
     assert result["n_images"] == 2 and result["unreadable"] == [str(inputs / "broken.png")]
     assert np.load(tmp_path / "maps" / "nested" / "a.png.npy").shape == (64, 64)
+
+
+def test_a_model_onnx_that_is_not_the_export_of_its_folder_is_refused(exported, tmp_path):
+    """The graph scores as it was exported: another model's graph, or thresholds.json chosen for
+    another psm.pt or rewritten with another scoring since, would give wrong decisions in silence."""
+    import json
+
+    root, _ = exported
+    source = root / "models/washer"
+
+    def folder(name: str, drop_psm: bool = False) -> tuple:
+        copy = tmp_path / name
+        shutil.copytree(source, copy)
+        if drop_psm:
+            (copy / "psm.pt").unlink()  # an ONNX-only deployment: model.onnx + thresholds.json
+        return copy, json.loads((copy / "thresholds.json").read_text())
+
+    alone, thresholds = folder("onnx_only", drop_psm=True)
+    assert onnx_predictor(alone).thresholds == thresholds  # the export of this folder: accepted without psm.pt
+    assert onnx_predictor(alone / "model.onnx").size == 64  # the file's folder, as for psm.pt
+    foreign, thresholds = folder("foreign", drop_psm=True)
+    (foreign / "thresholds.json").write_text(json.dumps({**thresholds, "checkpoint_sha256": "f" * 64}))
+    with pytest.raises(AdpsError, match=r"not exported from this folder's model \(thresholds.json was chosen for"):
+        onnx_predictor(foreign)
+    rescored, thresholds = folder("rescored")
+    score = {**thresholds["score"], "method": "topk"}  # what `adps evaluate` with other score params writes
+    (rescored / "thresholds.json").write_text(json.dumps({**thresholds, "score": score}))
+    with pytest.raises(AdpsError, match=r"thresholds.json has another score\): run `adps export` again"):
+        onnx_predictor(rescored)
+    damaged, _ = folder("damaged")
+    (damaged / "model.onnx").write_text("not a graph")
+    with pytest.raises(AdpsError, match=r"model.onnx is not a model.onnx written by `adps export`"):
+        onnx_predictor(damaged)

@@ -129,6 +129,11 @@ def test_apply_writes_best_params_and_keeps_comments(tmp_path, monkeypatch):
     assert raw["loss"]["push_weight"] == 0.42 and raw["score"]["method"] == "topk"
     with pytest.raises(AdpsError, match=r"adps tune --category wood"):
         apply_best_params(params_path, "wood")
+    before = params_path.read_text()
+    paths.best_params_file(tiny_params(), "fabric").write_text("synthesis:\n  beta_max: 0.5\n")  # an older study
+    with pytest.raises(AdpsError, match=r"best_params.yaml names parameters .*'synthesis.beta_max' \(now 'anomalies"):
+        apply_best_params(params_path, "fabric")
+    assert params_path.read_text() == before
 
 
 def test_worker_processes_share_the_cores_unless_threads_are_set(tmp_path, monkeypatch):

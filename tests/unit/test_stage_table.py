@@ -92,3 +92,24 @@ def test_a_phase_fingerprint_hashes_exactly_the_params_its_stage_lists():
     # listed by neither (an evaluation setting, a validation setting) -> neither changes
     assert stamps(score={"sigma": 3.0}, validation={"min_side": 16}) == before
     assert base.score.sigma != 3.0
+
+
+def test_a_phase_fingerprint_follows_the_contents_of_the_files_it_reads(tmp_path):
+    from adps.data.layout import Sample
+
+    image, texture = tmp_path / "train" / "000.png", tmp_path / "textures" / "t.png"
+    for path in (image, texture):
+        path.parent.mkdir()
+        path.write_bytes(b"first")
+    params = tiny_params(anomalies={"texture_dir": str(texture.parent)}).at(tmp_path)
+    train = [Sample("washer", "train", 0, "good", image, None)]
+
+    def stamp(weights: str = "file w.pth (sha256 aa)") -> str:
+        return phase_fingerprint(params, CATEGORY, "distill", train, weights)
+
+    before = stamp()
+    image.write_bytes(b"second")  # prepare rewrote the image under the same name
+    after_image = stamp()
+    texture.write_bytes(b"second")
+    after_texture = stamp()
+    assert len({before, after_image, after_texture, stamp("file w.pth (sha256 bb)")}) == 4
