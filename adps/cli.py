@@ -200,7 +200,7 @@ def tune(
 def report(params: ParamsOption = None) -> None:
     """Print the per-category metrics table (from reports/metrics) and where to look next."""
     with reported_errors():
-        rows = stages.summarize(load_params(params))
+        rows, notes = stages.summarize(load_params(params))
     table = Table(title="ADPS test metrics per category")
     table.add_column("category")
     columns = list(next(iter(rows.values()), {}))
@@ -212,6 +212,8 @@ def report(params: ParamsOption = None) -> None:
         means = [mean_of([r[c] for r in rows.values()]) for c in columns]
         table.add_row("mean", *[f"{m:.3f}" if m is not None else "-" for m in means], style="bold")
     Console(width=None if sys.stdout.isatty() else 140).print(table)
+    for category, note in notes.items():
+        typer.echo(f"{category}: {note}")
     typer.echo("Heatmaps: reports/heatmaps/<category>/  Curves: dvc plots show  Metrics: dvc metrics show")
     typer.echo(
         "MLflow UI: make up (or: mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000), "

@@ -220,6 +220,11 @@ def validate(params: Params, category: str) -> dict[str, Any]:
         message = validation_message(params, category, report.failures, summary["data_docs"])
         raise ValidationFailed(message, report.failures)
     result = {"success": True, "n_images": summary["n_images"], "summary": str(summary_path)}
+    if unmasked := summary["counts"][0]["n_test_defect_without_mask"]:
+        result["defects_without_mask"] = (
+            f"{unmasked} of {summary['counts'][0]['n_test_defect']} defect images have no mask: "
+            "image metrics use all of them, pixel metrics only the ones with a mask"
+        )
     return result | ({"not_imported": [f"{r['file']}: {r['reason']}" for r in left_out]} if left_out else {})
 
 
@@ -505,9 +510,10 @@ def promote(params: Params, category: str, version: str) -> dict[str, Any]:
     return tracking.promote(params, category, version)
 
 
-def summarize(params: Params) -> dict[str, Any]:
-    """Per-category headline metrics from reports/metrics (categories not evaluated yet are skipped)."""
-    rows = {}
+def summarize(params: Params) -> tuple[dict[str, Any], dict[str, str]]:
+    """Per-category headline metrics from reports/metrics (categories not evaluated yet are skipped),
+    and a note for each category whose pixel metrics leave out defect images without a mask."""
+    rows, notes = {}, {}
     for category in params.data.categories:
         path = paths.metrics_file(params, category)
         if path.is_file():
@@ -516,7 +522,9 @@ def summarize(params: Params) -> dict[str, Any]:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise AdpsError(f"{path} is not valid JSON ({err}): rerun `adps evaluate -c {category}`.") from err
             rows[category] = {k: metrics.get(k) for k in METRIC_NAMES}
-    return rows
+            if metrics.get("n_test_anomalous_masked", 0) != metrics.get("n_test_anomalous", 0):
+                notes[category] = reports.pixel_coverage(metrics)
+    return rows, notes
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,9 @@ def validation_value(model, params: Params, category: str) -> float:
         return float("nan")
     if params.tune.objective == "decision_f1":
         return decision_f1(pred, params)
-    metrics = detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
+    metrics = detection_metrics(
+        pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit, pred.masked
+    )
     value = metrics[params.tune.objective]
     return 0.0 if value is None or math.isnan(value) else float(value)
 

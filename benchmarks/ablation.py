@@ -83,7 +83,9 @@ def student_only_metrics(params, category: str) -> dict[str, float]:
         device,
         map_fn=cosine_maps,
     )
-    return detection_metrics(pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit)
+    return detection_metrics(
+        pred.scores, pred.labels, pred.maps, pred.masks, params.evaluation.aupro_fpr_limit, pred.masked
+    )
 
 
 VARIANTS = {

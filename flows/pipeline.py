@@ -108,8 +108,11 @@ def chain_status(chain: dict[str, Any]) -> str:
     return "retrained" if executed & {"distill", "psm"} else "updated" if executed else "unchanged"
 
 
-def category_row(params: Params, category: str, chain: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """One row of the run's table: what happened to the category, its test metrics and registry version."""
+def category_row(
+    params: Params, category: str, chain: dict[str, Any], metrics: dict[str, Any], note: str | None = None
+) -> dict[str, Any]:
+    """One row of the run's table: what happened to the category, its test metrics and registry version
+    (``note``: which defect images the pixel metrics stand on, when some have no mask)."""
     status = chain_status(chain)
     row: dict[str, Any] = {
         "category": category,
@@ -125,6 +128,8 @@ def category_row(params: Params, category: str, chain: dict[str, Any], metrics: 
             description=f"Files that held back {category}",
         )
     row.update({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    if note:
+        row["pixel metrics"] = note
     record = paths.registry_record(params, category)
     if record.is_file():
         registered = json.loads(record.read_text())
@@ -153,10 +158,10 @@ def train_categories(params_path: str, categories: list[str], force: bool = Fals
             chain[name] = stage.submit(params_path, category, force=force, wait_for=upstream)
     wait([f for chain in chains.values() for f in chain.values()])
     params = load_params(params_path)
-    metrics = stages.summarize(params)
+    metrics, notes = stages.summarize(params)
     return {
         category: {
-            "row": category_row(params, category, chain, metrics.get(category, {})),
+            "row": category_row(params, category, chain, metrics.get(category, {}), notes.get(category)),
             "ran": executed_targets(category, chain),
         }
         for category, chain in chains.items()

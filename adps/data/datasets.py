@@ -70,7 +70,8 @@ class TrainDataset(Dataset):
 
 
 class LabelledDataset(Dataset):
-    """Test images with their ground truth: ``image``, ``mask`` (1, H, W), ``label``, ``path``."""
+    """Test images with their ground truth: ``image``, ``mask`` (1, H, W), ``label``, ``path``, and ``masked``:
+    False for a defect image without a mask (labelled by image only; its ``mask`` is all zeros)."""
 
     def __init__(self, samples: Sequence[Sample], size: int, normalize: Normalizer):
         self.samples = list(samples)
@@ -87,6 +88,7 @@ class LabelledDataset(Dataset):
             "mask": torch.from_numpy(load_mask(sample.mask_path, self.size))[None],
             "label": torch.tensor(float(sample.label)),
             "path": str(sample.image_path),
+            "masked": torch.tensor(sample.label == 0 or sample.mask_path is not None),
         }
 
 
@@ -140,4 +142,5 @@ class ValidationDataset(Dataset):
             "mask": torch.from_numpy(mask.astype(np.float32))[None],
             "label": torch.tensor(float(mask.any())),
             "path": f"{sample.image_path}#{'synthetic' if mask.any() else 'normal'}",
+            "masked": torch.tensor(True),
         }

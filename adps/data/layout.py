@@ -329,9 +329,10 @@ def import_folder_category(
 
     A seeded, per-name share of the normal images goes to ``test/good`` (:func:`normal_split`);
     anomalous images go to ``test/anomalous`` with their mask file, unchanged (validation judges its
-    values as for every source). A missing mask is left for validation to report by name; a mask
-    that pairs no anomalous image is left out and named. With ``require_normals=False`` (images added
-    on top of another source) the folders may be empty or absent.
+    values as for every source). An anomalous image without a mask is labelled by image only (image
+    metrics use it, pixel metrics leave it out); a mask that pairs no anomalous image is left out
+    and named. With ``require_normals=False`` (images added on top of another source) the folders
+    may be empty or absent.
     """
     normals, broken = usable(list_images(source.normal))
     if not normals and require_normals:
@@ -345,6 +346,9 @@ def import_folder_category(
     for image_path in anomalous:
         link_new(image_path, dest / "test" / "anomalous" / image_path.name)
     paired = pair_masks(source, anomalous, masks, dest)
+    mask_stems = {m.stem for m in masks}
+    if unmasked := sum(f"{a.stem}{source.mask_suffix}" not in mask_stems for a in anomalous):
+        logger.info("%s: %d anomalous images have no mask (labelled by image only)", source.anomalous, unmasked)
     unpaired = [unpaired_mask(m, source, normals) for m in masks if m not in paired]
     folders = (source.normal, source.anomalous, source.masks)
     others = [entry for folder in folders for entry in left_out(folder, list_images(folder))]
@@ -363,8 +367,6 @@ def pair_masks(source: FolderSet, anomalous: list[Path], masks: list[Path], dest
             if not target.exists():  # x.png and x.jpg share it: validation names them
                 link_or_copy(mask, target)
             taken.add(mask)
-        if f"{image_path.stem}{source.mask_suffix}" not in by_stem:
-            logger.warning("no mask for %s in %s", image_path, source.masks)
     return taken
 
 

@@ -96,25 +96,47 @@ def curves(labels: np.ndarray, scores: np.ndarray, points: int) -> dict[str, lis
     }
 
 
-def detection_metrics(
-    scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray, fpr_limit: float
-) -> dict[str, float]:
-    """The per-category metric set of the paper's protocol."""
-    masks = masks.astype(bool)
-    pixel_labels, pixel_scores = masks.ravel(), maps.ravel()
-    image_f1, image_thr = f1_max(labels, scores)
-    pixel_f1, pixel_thr = f1_max(pixel_labels, pixel_scores)
+def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Image-level AUROC, AP and F1-max with its threshold."""
+    f1, threshold = f1_max(labels, scores)
     return {
         "image_auroc": safe_auroc(labels, scores),
         "image_ap": safe_ap(labels, scores),
+        "image_f1_max": f1,
+        "image_f1_max_threshold": threshold,
+    }
+
+
+def pixel_metrics(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> dict[str, float]:
+    """Pixel-level AUROC, AP, AUPRO and F1-max; all NaN (never 0) when no pixel is a defect."""
+    pixel_labels, pixel_scores = masks.ravel(), maps.ravel()
+    f1, threshold = f1_max(pixel_labels, pixel_scores)
+    return {
         "pixel_auroc": safe_auroc(pixel_labels, pixel_scores),
         "pixel_ap": safe_ap(pixel_labels, pixel_scores),
         "aupro": aupro(maps, masks, fpr_limit),
-        "image_f1_max": image_f1,
-        "image_f1_max_threshold": image_thr,
-        "pixel_f1_max": pixel_f1,
-        "pixel_f1_max_threshold": pixel_thr,
+        "pixel_f1_max": f1,
+        "pixel_f1_max_threshold": threshold,
     }
+
+
+def detection_metrics(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    fpr_limit: float,
+    masked: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The per-category metric set of the paper's protocol.
+
+    ``masked`` (N,) bool: the images whose pixels are labelled (normal images, and defect images
+    with a mask). Image metrics use every image; pixel metrics only these (default: all), so a
+    defect labelled by image only never counts as a defect-free map.
+    """
+    masks = masks.astype(bool)
+    keep = np.ones(len(labels), bool) if masked is None else masked.astype(bool)
+    return image_metrics(scores, labels) | pixel_metrics(maps[keep], masks[keep], fpr_limit)
 
 
 def decision_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

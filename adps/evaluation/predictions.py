@@ -20,13 +20,20 @@ MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class Predictions:
-    """maps (N, H, W) float32, scores (N,), masks (N, H, W) bool, labels (N,) int, paths [N]."""
+    """maps (N, H, W) float32, scores (N,), masks (N, H, W) bool, labels (N,) int, paths [N],
+    masked (N,) bool: whether the image's pixels are labelled (False for a defect without a mask)."""
 
     maps: np.ndarray
     scores: np.ndarray
     masks: np.ndarray
     labels: np.ndarray
     paths: list[str]
+    masked: np.ndarray
+
+    @property
+    def n_unmasked(self) -> int:
+        """Defect images labelled by image only (left out of pixel metrics)."""
+        return int((~self.masked).sum())
 
 
 def adps_maps(model: AdpsModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +50,9 @@ def predict_dataset(
     progress: bool = False,
     map_fn: MapFn = adps_maps,
 ) -> Predictions:
-    """Anomaly maps and scores of every item of ``dataset`` (items: image, mask, label, path)."""
+    """Anomaly maps and scores of every item of ``dataset`` (items: image, mask, label, path, masked)."""
     model.eval()
-    maps, scores, masks, labels, paths = [], [], [], [], []
+    maps, scores, masks, labels, paths, masked = [], [], [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc="predicting", leave=False, disable=not progress):
         anomaly_map, score = map_fn(model, batch["image"].to(device))
@@ -54,15 +61,26 @@ def predict_dataset(
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
         labels.append(batch["label"].numpy().astype(int))
         paths.extend(batch["path"])
+        masked.append(batch["masked"].numpy().astype(bool))
     return Predictions(
-        np.concatenate(maps), np.concatenate(scores), np.concatenate(masks), np.concatenate(labels), paths
+        np.concatenate(maps),
+        np.concatenate(scores),
+        np.concatenate(masks),
+        np.concatenate(labels),
+        paths,
+        np.concatenate(masked),
     )
 
 
 def validation_predictions(
-    model: AdpsModel, val: list, params: Params, device: torch.device, progress: bool = False
+    model: AdpsModel,
+    val: list,
+    params: Params,
+    device: torch.device,
+    progress: bool = False,
+    map_fn: MapFn = adps_maps,
 ) -> Predictions:
     """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed)."""
     normalize = input_normalizer(params)
     dataset = ValidationDataset(val, params.data.image_size, normalize, params.anomalies, params.runtime.seed + 2)
-    return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress)
+    return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress, map_fn)

@@ -32,9 +32,12 @@ def calibrate(val: Predictions, cfg: ThresholdParams, score: dict[str, Any]) -> 
 
 def evaluation_report(test: Predictions, thresholds: dict[str, Any], cfg: EvaluationParams) -> dict[str, Any]:
     """Threshold-free metrics plus the quality of decisions at the validation thresholds."""
-    metrics: dict[str, Any] = detection_metrics(test.scores, test.labels, test.maps, test.masks, cfg.aupro_fpr_limit)
+    metrics: dict[str, Any] = detection_metrics(
+        test.scores, test.labels, test.maps, test.masks, cfg.aupro_fpr_limit, test.masked
+    )
     image = decision_metrics(test.labels.astype(bool), test.scores >= thresholds["image"])
-    pixel = decision_metrics(test.masks.ravel(), test.maps.ravel() >= thresholds["pixel"])
+    masks, maps = test.masks[test.masked].ravel(), test.maps[test.masked].ravel()
+    pixel = decision_metrics(masks, maps >= thresholds["pixel"]) if masks.any() else dict.fromkeys(image, np.nan)
     metrics.update({f"image_{k}_at_threshold": v for k, v in image.items()})
     metrics.update({f"pixel_{k}_at_threshold": v for k, v in pixel.items()})
     metrics.update(
@@ -42,13 +45,24 @@ def evaluation_report(test: Predictions, thresholds: dict[str, Any], cfg: Evalua
         pixel_threshold=thresholds["pixel"],
         n_test=len(test.labels),
         n_test_anomalous=int(test.labels.sum()),
+        n_test_anomalous_masked=int(test.labels.sum()) - test.n_unmasked,
     )
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in metrics.items()}
 
 
+def pixel_coverage(metrics: dict[str, Any]) -> str:
+    """Which test images the pixel metrics stand on (defect images without a mask are left out)."""
+    anomalous, masked = metrics.get("n_test_anomalous", 0), metrics.get("n_test_anomalous_masked", 0)
+    if masked == anomalous:
+        return f"Pixel metrics: every test image ({anomalous} defect images, all with masks)."
+    if masked == 0:
+        return f"Image metrics only: none of the {anomalous} defect images has a mask (labelled by image)."
+    return f"Pixel metrics over the {masked} of {anomalous} defect images that have a mask; image metrics over all."
+
+
 def curve_data(test: Predictions, points: int) -> dict[str, list[dict[str, float]]]:
     """ROC and PR curves at image and pixel level: ``{"image_roc": [...], "pixel_pr": [...], ...}``."""
-    pixel_scores, pixel_labels = test.maps.ravel(), test.masks.ravel()
+    pixel_scores, pixel_labels = test.maps[test.masked].ravel(), test.masks[test.masked].ravel()
     if len(pixel_scores) > 2_000_000:  # curves only: a seeded pixel subsample keeps files and time small
         keep = np.random.default_rng(0).choice(len(pixel_scores), 2_000_000, replace=False)
         pixel_scores, pixel_labels = pixel_scores[keep], pixel_labels[keep]
@@ -102,7 +116,8 @@ def write_heatmaps(folder: Path, test: Predictions, pixel_threshold: float, n: i
         for rank, i in enumerate(items):
             path = Path(test.paths[i])
             panel = heatmap_panel(load_rgb(path, size), test.maps[i], pixel_threshold, test.masks[i])
-            caption = f"{kind} {rank + 1}: {path.parent.name}/{path.name} score={test.scores[i]:.3f}"
+            unlabelled = "" if test.masked[i] else " (no mask)"
+            caption = f"{kind} {rank + 1}: {path.parent.name}/{path.name}{unlabelled} score={test.scores[i]:.3f}"
             save_heatmap(folder / f"{kind}_{rank + 1}_{path.parent.name}_{path.stem}.png", panel, caption)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from adps import paths
 from adps.config import METRIC_NAMES, Params
 from adps.errors import AdpsError
+from adps.evaluation.reports import pixel_coverage
 from adps.files import write_json_atomically
 from adps.serving_contract import ACCEPTED_INPUT, OUTPUT_COLUMNS, OUTPUT_DESCRIPTION
 from adps.tracking.connection import TrackingUnavailable, check_reachable, connect, tracking_uri, use_experiment
@@ -117,6 +118,10 @@ def current_champion(client, name: str) -> str | None:
         return None
 
 
+IMAGE_METRICS = ("image_auroc", "image_ap")
+FALLBACK_METRIC = "image_auroc"  # the promotion metric of a category whose defects have no masks
+
+
 def maybe_promote(client, params: Params, name: str, version: str) -> bool:
     """Make ``version`` champion when there is none, or when auto-promotion says it wins."""
     champion = current_champion(client, name)
@@ -127,6 +132,10 @@ def maybe_promote(client, params: Params, name: str, version: str) -> bool:
         return False
     metric = params.registry.promote_metric
     new, old = version_metric(client, name, version, metric), version_metric(client, name, champion, metric)
+    if new is None and metric not in IMAGE_METRICS:  # labelled by image only: no pixel metric to compare
+        logger.info("%s: version %s has no %s (no defect masks); comparing %s", name, version, metric, FALLBACK_METRIC)
+        metric = FALLBACK_METRIC
+        new, old = version_metric(client, name, version, metric), version_metric(client, name, champion, metric)
     if new is not None and (old is None or new > old + params.registry.min_delta):
         client.set_registered_model_alias(name, CHAMPION, version)
         logger.info("%s: version %s (%s=%.4f) replaces champion %s (%s)", name, version, metric, new, champion, old)
@@ -237,6 +246,7 @@ def version_description(
         new, old = metrics.get(key), before.get(key)
         difference = f"{new - old:+.4f}" if isinstance(new, float) and old is not None else ""
         lines.append(f"| {key} | {number(new)} | {number(old)} | {difference} |")
+    lines += ["", pixel_coverage(metrics)]
     registry, commit = params.registry, tags.get("git_commit", "unknown")
     dirty = " (source or params differed from it)" if tags.get("git_dirty") == "true" else ""
     lines += [

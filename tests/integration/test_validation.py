@@ -49,11 +49,6 @@ CASES: dict[str, tuple[Callable[[], None], str, str]] = {
         "washer/train/good/003.png",
         "width outside [32, 8192] pixels",
     ),
-    "missing_mask": (
-        lambda: (DATA / "fabric/ground_truth/crack/000_mask.png").unlink(),
-        "fabric/test/crack/000.png",
-        "mask missing for a defect image",
-    ),
     "mask_on_good": (
         lambda: save(DATA / "fabric/ground_truth/good/000_mask.png", np.zeros((64, 64), np.uint8)),
         "fabric/test/good/000.png",

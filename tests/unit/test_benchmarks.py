@@ -22,3 +22,23 @@ def test_ablation_table_has_a_mean_row():
     table = ablation_table(results, ["a"])
     assert "symmetric k=1 pixel AP" in table and "k=8" not in table
     assert "| a | 0.500 | 0.900 | 0.500 | 0.900 | 0.250 | 0.750 |" in table and "| mean |" in table
+
+
+def test_the_elpv_split_is_seeded_disjoint_and_leaves_out_uncertain_labels(tmp_path):
+    from benchmarks.elpv import split_cells, write_source
+
+    labels = [(tmp_path / f"n{i}.png", 0.0, "mono") for i in range(30)]
+    labels += [(tmp_path / f"d{i}.png", 1.0, "mono") for i in range(12)]
+    labels += [(tmp_path / f"u{i}.png", 1 / 3, "mono") for i in range(5)] + [(tmp_path / "p.png", 0.0, "poly")]
+    split = split_cells(labels, "mono", n_train=20, n_test=6, seed=0)
+    assert [len(split[k]) for k in ("train/good", "test/good", "test/defect")] == [20, 6, 6]
+    assert not set(split["train/good"]) & set(split["test/good"])
+    assert all(p.name.startswith("n") for p in split["train/good"] + split["test/good"])  # p = 0 mono only
+    assert all(p.name.startswith("d") for p in split["test/defect"])  # p = 1 only, never 1/3
+    assert split == split_cells(labels, "mono", n_train=20, n_test=6, seed=0)
+    assert split != split_cells(labels, "mono", n_train=20, n_test=6, seed=1)
+    for path, _, _ in labels:
+        path.touch()
+    write_source(tmp_path / "source", {"mono": split})
+    assert len(list((tmp_path / "source/mono/test/defect").iterdir())) == 6
+    assert not (tmp_path / "source/mono/ground_truth").exists()  # labels by image only

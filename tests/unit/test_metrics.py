@@ -102,3 +102,55 @@ def test_thresholds_from_validation():
 def test_decision_metrics():
     d = decision_metrics(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool))
     assert d == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+
+
+# Three 2x2 images: a normal one, a defect with a one-pixel mask, a defect labelled by image only
+# whose whole map is hot (0.8). Its pixels are unknown: counted as normal, they would sit above the
+# masked defect's pixel (0.7) and pull pixel AP from 1 down to 1/5.
+LABELLED_BY_IMAGE = {
+    "scores": np.array([0.4, 0.7, 0.8]),
+    "labels": np.array([0, 1, 1]),
+    "maps": np.array([[[0.1, 0.2], [0.3, 0.4]], [[0.7, 0.1], [0.1, 0.1]], [[0.8, 0.8], [0.8, 0.8]]]),
+    "masks": np.array([[[0, 0], [0, 0]], [[1, 0], [0, 0]], [[0, 0], [0, 0]]], bool),
+}
+
+
+def test_pixel_metrics_leave_out_defects_without_a_mask_and_image_metrics_keep_them():
+    case = LABELLED_BY_IMAGE
+    masked = detection_metrics(**case, fpr_limit=0.3, masked=np.array([True, True, False]))
+    # masked pixels: 7 normal (0.1 0.2 0.3 0.4 0.1 0.1 0.1) below the one defect pixel (0.7)
+    assert masked["pixel_ap"] == 1.0 and masked["pixel_auroc"] == 1.0
+    assert masked["image_auroc"] == 1.0 and masked["image_ap"] == 1.0  # 0.7 and 0.8 above 0.4
+    everything = detection_metrics(**case, fpr_limit=0.3)  # what counting unknown pixels as normal gives
+    assert everything["pixel_ap"] == pytest.approx(1 / 5)  # four 0.8 "normals" above the 0.7 defect
+    assert everything["pixel_auroc"] == pytest.approx(7 / 11)  # the defect beats 7 of 11 normals
+
+
+def test_without_any_mask_pixel_metrics_are_missing_never_zero():
+    metrics = detection_metrics(**LABELLED_BY_IMAGE, fpr_limit=0.3, masked=np.array([True, False, False]))
+    pixel = ("pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "pixel_f1_max_threshold")
+    assert all(np.isnan(metrics[key]) for key in pixel)
+    assert metrics["image_auroc"] == 1.0
+
+
+def test_the_metrics_report_counts_masked_defects_and_has_no_pixel_decisions_without_masks():
+    from adps.config import EvaluationParams
+    from adps.evaluation.predictions import Predictions
+    from adps.evaluation.reports import evaluation_report, pixel_coverage
+
+    case = LABELLED_BY_IMAGE
+    thresholds = {"image": 0.5, "pixel": 0.5}
+    mixed = Predictions(**case, paths=["n", "a", "b"], masked=np.array([True, True, False]))
+    report = evaluation_report(mixed, thresholds, EvaluationParams())
+    assert report["n_test_anomalous"] == 2 and report["n_test_anomalous_masked"] == 1
+    assert report["pixel_f1_at_threshold"] == 1.0  # only the 0.7 pixel is >= 0.5 among the masked ones
+    assert report["image_recall_at_threshold"] == 1.0 and report["image_precision_at_threshold"] == 1.0
+    assert (
+        pixel_coverage(report)
+        == "Pixel metrics over the 1 of 2 defect images that have a mask; image metrics over all."
+    )
+    image_only = Predictions(**case, paths=["n", "a", "b"], masked=np.array([True, False, False]))
+    report = evaluation_report(image_only, thresholds, EvaluationParams())
+    assert report["pixel_ap"] is None and report["pixel_f1_at_threshold"] is None and report["aupro"] is None
+    assert report["n_test_anomalous_masked"] == 0 and report["image_auroc"] == 1.0
+    assert pixel_coverage(report).startswith("Image metrics only: none of the 2 defect images has a mask")
