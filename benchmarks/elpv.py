@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -171,6 +172,7 @@ def main() -> None:
         "--floor-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[256], help="floor input sizes too"
     )
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     types = [t for t in args.types.split(",") if t]
     unknown = sorted(set(types) - set(TYPES))
     if unknown:
