@@ -115,7 +115,8 @@ def write_heatmaps(folder: Path, test: Predictions, pixel_threshold: float, n: i
     for kind, items in pick_heatmap_items(test, n).items():
         for rank, i in enumerate(items):
             path = Path(test.paths[i])
-            panel = heatmap_panel(load_rgb(path, size), test.maps[i], pixel_threshold, test.masks[i])
+            truth = test.masks[i] if test.masked[i] else None  # grey: not known, not "no defect"
+            panel = heatmap_panel(load_rgb(path, size), test.maps[i], pixel_threshold, truth)
             unlabelled = "" if test.masked[i] else " (no mask)"
             caption = f"{kind} {rank + 1}: {path.parent.name}/{path.name}{unlabelled} score={test.scores[i]:.3f}"
             save_heatmap(folder / f"{kind}_{rank + 1}_{path.parent.name}_{path.stem}.png", panel, caption)

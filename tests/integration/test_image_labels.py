@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from adps import paths, stages
 from adps.tracking.registry import maybe_promote
@@ -38,7 +39,7 @@ def parts(project):
 
 
 def test_defects_without_masks_train_evaluate_and_register_with_image_metrics(parts, project, tmp_path, monkeypatch):
-    params = parts_params()
+    params = parts_params(evaluation={"n_heatmaps": 8})  # every test image gets a heatmap
     stages.prepare(params)
     checked = stages.validate(params, "parts")
     assert checked["defects_without_mask"].startswith("1 of 3 defect images have no mask")
@@ -63,6 +64,9 @@ def test_defects_without_masks_train_evaluate_and_register_with_image_metrics(pa
     assert len(pixel) == 8 and all(image_only[k] is None for k in pixel)  # missing, never 0
     assert image_only["image_auroc"] == mixed["image_auroc"] and image_only["n_test_anomalous_masked"] == 0
     assert stages.summarize(params)[0]["parts"]["pixel_ap"] is None
+    [panel, *_] = sorted(paths.heatmaps_dir(params, "parts").glob("*_anomalous_*.png"))
+    truth = np.asarray(Image.open(panel).convert("L"))[:64, 68:132]  # image | gap | ground truth (64 px tiles)
+    assert (truth == 127).all()  # grey: the mask is unknown, not "no defect" (black)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
