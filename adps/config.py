@@ -66,6 +66,7 @@ class DataParams(Section):
     normalize_mean: tuple[float, float, float] | None = None  # None: the backbone weights' own
     normalize_std: tuple[float, float, float] | None = None
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    val_defect_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # labelled test defects held out for validation
 
     @model_validator(mode="after")
     def _check_source(self) -> DataParams:
@@ -119,13 +120,34 @@ class ValidationParams(Section):
 BackboneName = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2"]
 
 
+MODEL_KINDS = ("adps", "memory_bank", "adps+memory_bank")
+
+
+class MemoryBankParams(Section):
+    levels: tuple[Literal[0, 1, 2], ...] = Field((1, 2), min_length=1)
+    neighbourhood: int = Field(3, ge=1, le=7)
+    coreset_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    max_entries: int = Field(16384, ge=1)
+    projection_dim: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> MemoryBankParams:
+        if list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"model.memory_bank.levels must be increasing and distinct, got {list(self.levels)}")
+        if self.neighbourhood % 2 == 0:
+            raise ValueError(f"model.memory_bank.neighbourhood must be odd, got {self.neighbourhood}")
+        return self
+
+
 class ModelParams(Section):
+    kind: Literal["auto", "adps", "memory_bank", "adps+memory_bank"] = "auto"
     backbone: BackboneName = "efficientnet_lite0"
     teacher_weights: str = "auto"
     patches: int = Field(4, ge=1, le=16)
     split_after: tuple[Literal[0, 1, 2], ...] = (0,)
     teacher_bn_calibration: bool = True
     psm_head_channels: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (32, 16)
+    memory_bank: MemoryBankParams = MemoryBankParams()
 
     @model_validator(mode="after")
     def _check_weights(self) -> ModelParams:

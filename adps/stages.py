@@ -26,6 +26,7 @@ from adps.data.splits import category_splits, check_category
 from adps.data.validation import validate_dataset
 from adps.errors import AdpsError, ValidationFailed
 from adps.evaluation import reports
+from adps.evaluation.kinds import choose_kind, kind_table, score_each_kind
 from adps.evaluation.predictions import predict_dataset, validation_predictions
 from adps.files import (
     exclusive_lock,
@@ -38,6 +39,8 @@ from adps.files import (
     write_together,
 )
 from adps.model.backbones import calibrate_batchnorm
+from adps.model.memory_bank import build_bank
+from adps.model.network import ADPS, MEMORY_BANK
 from adps.model.weights import load_teacher_weights
 from adps.runtime import progress_enabled, seeded, setup_torch
 from adps.training.checkpoints import (
@@ -302,9 +305,10 @@ def finish_phase(
 @writes_category
 @alone_in_process
 def distill(params: Params, category: str) -> dict[str, Any]:
-    """Stage ``distill@C``: asymmetric distillation of the student; writes models/C/student.pt."""
+    """Stage ``distill@C``: asymmetric distillation of the student, and the memory bank of normal
+    teacher features (for the kinds that have them); writes models/C/student.pt."""
     device = setup_torch(params)
-    train, _, _ = category_splits(params, category)
+    train, val, _ = category_splits(params, category)
     spec = model_spec(params)
     with seeded(params.runtime.seed):
         model = build_model(spec)
@@ -315,26 +319,51 @@ def distill(params: Params, category: str) -> dict[str, Any]:
     model.to(device)
     final = paths.student_checkpoint(params, category)
     stamp = phase_fingerprint(params, category, "distill", train, teacher_weights)
+    history = train_student(params, model, train, stamp, final, device) if model.kind != MEMORY_BANK else []
+    bank = fill_memory_bank(params, model, train, val, device) if model.kind != ADPS else None
+    finish_phase(
+        params, final, model, spec, history, category, "distill", teacher_weights=teacher_weights, fingerprint=stamp
+    )
+    result = {"checkpoint": str(final), "epochs": len(history), "teacher_weights": teacher_weights}
+    result |= {"final_loss": history[-1]["loss_distill"]} if history else {}
+    return result | ({"memory_bank": bank} if bank else {})
+
+
+def train_student(params: Params, model, train: list, stamp: str, final: Path, device) -> list[dict[str, Any]]:
+    """Phase 1 proper: the student learns from the teacher (resumable); returns the history."""
     phase = Phase(
         "distill",
         params.train.distill,
         [{"params": list(model.student.parameters())}],
         distill_step(model, params.loss, device),
         paths.resume_checkpoint(final),
-        spec,
+        model_spec(params),
         stamp,
         params.runtime.seed,
     )
-    history = fit(phase, model, train_dataset(params, train, params.runtime.seed), progress_enabled(params))
-    finish_phase(
-        params, final, model, spec, history, category, "distill", teacher_weights=teacher_weights, fingerprint=stamp
+    return fit(phase, model, train_dataset(params, train, params.runtime.seed), progress_enabled(params))
+
+
+def fill_memory_bank(params: Params, model, train: list, val: list, device) -> dict[str, Any]:
+    """The memory bank of the normal training images' teacher features (coreset); its map scale from
+    the held-out normal images. Returns what was built (positions seen, entries kept, scale)."""
+    cfg = params.model.memory_bank
+
+    def on_device(samples: list) -> list:
+        return [batch.to(device) for batch in normal_batches(samples, params)]
+
+    built = build_bank(
+        model.memory,
+        model.teacher,
+        on_device(train),
+        on_device([s for s in val if s.label == 0]),
+        cfg.coreset_ratio,
+        cfg.max_entries,
+        cfg.projection_dim,
+        params.runtime.seed,
     )
-    return {
-        "checkpoint": str(final),
-        "epochs": len(history),
-        "final_loss": history[-1]["loss_distill"],
-        "teacher_weights": teacher_weights,
-    }
+    logger.info("memory bank: %d of %d positions kept, scale %.4f", built["entries"], built["positions"], built["scale"])
+    return built
 
 
 def normal_batches(samples: list, params: Params) -> list:
@@ -357,8 +386,8 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
         )
     with seeded(params.runtime.seed + 1):
         model = build_model(spec)
-    kept = {k: v for k, v in student["state"].items() if k.startswith(("teacher.", "student."))}
-    loaded = model.load_state_dict(kept, strict=False)  # the PSM is new; teacher and student must be complete
+    kept = {k: v for k, v in student["state"].items() if k.startswith(("teacher.", "student.", "memory."))}
+    loaded = model.load_state_dict(kept, strict=False)  # the PSM is new; teacher, student and bank must be complete
     missing = [k for k in loaded.missing_keys if not k.startswith("psm.")]
     if missing or loaded.unexpected_keys:
         raise CheckpointError(
@@ -371,7 +400,8 @@ def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
 @writes_category
 @alone_in_process
 def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
-    """Stage ``psm@C``: train the Post-Segmentation Module through the WMB; writes models/C/psm.pt.
+    """Stage ``psm@C``: train the Post-Segmentation Module through the WMB; writes models/C/psm.pt
+    (for a memory bank alone, nothing to train: the bank is carried over).
 
     ``on_epoch_end(epoch, model)`` runs after each epoch (the tuner reports validation values there).
     """
@@ -382,18 +412,7 @@ def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) ->
     model.to(device)
     final = paths.psm_checkpoint(params, category)
     stamp = phase_fingerprint(params, category, "psm", train) + student["fingerprint"]
-    phase = Phase(
-        "psm",
-        params.train.psm,
-        psm_param_groups(model, params.train.psm),
-        psm_step(model, params.loss, params.train.psm, device),
-        paths.resume_checkpoint(final),
-        spec,
-        stamp,
-        params.runtime.seed + 1,
-    )
-    dataset = train_dataset(params, train, params.runtime.seed + 1)
-    history = fit(phase, model, dataset, progress_enabled(params), on_epoch_end)
+    history = [] if model.kind == MEMORY_BANK else train_psm(params, model, train, stamp, final, device, on_epoch_end)
     finish_phase(
         params,
         final,
@@ -405,12 +424,26 @@ def psm(params: Params, category: str, on_epoch_end: EpochHook | None = None) ->
         teacher_weights=student["teacher_weights"],
         fingerprint=stamp,
     )
-    return {
-        "checkpoint": str(final),
-        "epochs": len(history),
-        "final_loss": history[-1]["loss_seg"],
-        "teacher_weights": student["teacher_weights"],
-    }
+    result = {"checkpoint": str(final), "epochs": len(history), "teacher_weights": student["teacher_weights"]}
+    return result | ({"final_loss": history[-1]["loss_seg"]} if history else {})
+
+
+def train_psm(
+    params: Params, model, train: list, stamp: str, final: Path, device, on_epoch_end: EpochHook | None
+) -> list[dict[str, Any]]:
+    """Phase 2 proper: the PSM learns through the WMB (resumable); returns the history."""
+    phase = Phase(
+        "psm",
+        params.train.psm,
+        psm_param_groups(model, params.train.psm),
+        psm_step(model, params.loss, params.train.psm, device),
+        paths.resume_checkpoint(final),
+        model_spec(params),
+        stamp,
+        params.runtime.seed + 1,
+    )
+    dataset = train_dataset(params, train, params.runtime.seed + 1)
+    return fit(phase, model, dataset, progress_enabled(params), on_epoch_end)
 
 
 def check_trained_with(params: Params, checkpoint: dict[str, Any], path: Path, category: str) -> None:
@@ -437,16 +470,23 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     _, val, test = category_splits(params, category)
     model, checkpoint = load_model(paths.psm_checkpoint(params, category))
     check_trained_with(params, checkpoint, paths.psm_checkpoint(params, category), category)
-    model.to(device).set_scoring(**params.score.model_dump())
+    model.to(device)
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
-    val_pred = validation_predictions(model, val, params, device, progress)
-    test_pred = predict_dataset(
-        model, LabelledDataset(test, params.data.image_size, input_normalizer(params)), batch, device, progress
+    test_dataset = LabelledDataset(test, params.data.image_size, input_normalizer(params))
+    val_preds, scorings = score_each_kind(
+        model, params.score.model_dump(mode="json"), lambda m: validation_predictions(m, val, params, device, progress)
     )
-    thresholds = reports.calibrate(val_pred, params.threshold, params.score.model_dump(mode="json"))
+    kind, why = choose_kind(params.model.kind, val_preds)
+    test_preds = {}
+    for held, scoring in scorings.items():
+        test_preds[held] = predict_dataset(model.set_scoring(**scoring), test_dataset, batch, device, progress)
+    val_pred, test_pred = val_preds[kind], test_preds[kind]
+    thresholds = reports.calibrate(val_pred, params.threshold, scorings[kind])
     thresholds.update(category=category, checkpoint_sha256=file_sha256(paths.psm_checkpoint(params, category)))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
+    metrics.update(kind=kind, kind_choice=why, kinds=kind_table(test_preds, val_preds))
+    logger.info("%s ships %s (%s)", category, kind, why)
     size, built = params.data.image_size, {}
 
     def heatmaps(tmp: Path) -> None:
@@ -621,7 +661,9 @@ PIPELINE: tuple[Stage, ...] = (
             "runtime.threads",
             "data.image_size",
             "data.val_fraction",
+            "data.val_defect_fraction",
             "anomalies",
+            "model.kind",
             "score",
             "threshold",
             "evaluation",

@@ -49,6 +49,7 @@ from adps.data.splits import category_splits
 from adps.errors import AdpsError
 from adps.evaluation.metrics import decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions, validation_predictions
+from adps.model.network import ADPS
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
 from adps.runtime import shared_threads
@@ -206,7 +207,7 @@ def validation_value(model, params: Params, category: str) -> float:
     import torch
 
     device = next(model.parameters()).device
-    model.eval().set_scoring(**params.score.model_dump())
+    model.eval().set_scoring(**params.score.model_dump(), kind=ADPS)  # the trials tune the ADPS parts
     _, val, _ = category_splits(params, category)
     with torch.no_grad():
         pred = validation_predictions(model, val, params, device)

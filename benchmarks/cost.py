@@ -1,19 +1,22 @@
-"""Training and inference cost of ADPS as ratios against plain backbone steps, measured in one run.
+"""Training and inference cost of each model kind as ratios against plain backbone steps, in one run.
 
 Usage: ``python -m benchmarks.cost [--params params.yaml] [--batch 8] [--size 256] [--repeats 5]
-[--threads 2]``
+[--threads 2] [--bank-images 64]``
 
 Same batch, same process, same threads: the ADPS training steps (stage 1: teacher + patch
-student + distillation loss; stage 2: teacher + student + WMB + PSM + focal loss) against a plain
-forward+backward+Adam step of the whole classification network of the same backbone
-(``model.backbone``, e.g. timm's tf_efficientnet_lite0 with its head) and of torchvision's resnet18,
-and ADPS inference against a plain forward of each. Peak RSS of training is measured in a fresh
-subprocess.
+student + distillation loss; stage 2: teacher + student + WMB + PSM + focal loss) and the memory
+bank's build (teacher features of ``--bank-images`` normal images and the greedy coreset, per batch)
+against a plain forward+backward+Adam step of the whole classification network of the same backbone
+(``model.backbone``, e.g. timm's tf_efficientnet_lite0 with its head) and of torchvision's resnet18;
+inference of each kind (ADPS, memory bank, their combination) against a plain forward of each; and
+each kind's model size (its saved weights and bank) against the backbone's. Peak RSS of training is
+measured in a fresh subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import subprocess
@@ -27,6 +30,8 @@ import torchvision
 
 from adps.config import load_params
 from adps.evaluation.metrics import aupro
+from adps.model.memory_bank import build_bank
+from adps.model.network import ADPS, COMBINED, KINDS, MEMORY_BANK
 from adps.training.checkpoints import build_model, model_spec
 from adps.training.phases import distill_step, psm_param_groups, psm_step
 
@@ -59,13 +64,13 @@ def make_batch(batch: int, size: int) -> dict[str, torch.Tensor]:
     return {"image": torch.randn(batch, 3, size, size), "mask": mask}
 
 
-def measure(params_path: str, batch_size: int, size: int, repeats: int) -> dict[str, float]:
+def measure(params_path: str, batch_size: int, size: int, repeats: int, bank_images: int = 64) -> dict[str, float]:
     params = load_params(params_path)
     params = params.model_copy(update={"data": params.data.model_copy(update={"image_size": size})})
     batch = make_batch(batch_size, size)
     device = torch.device("cpu")
 
-    model = build_model(model_spec(params))
+    model = build_model(model_spec(params) | {"model": {**model_spec(params)["model"], "kind": COMBINED}})
     distill = training_step(
         distill_step(model, params.loss, device), torch.optim.Adam(model.student.parameters(), lr=1e-4)
     )
@@ -73,16 +78,45 @@ def measure(params_path: str, batch_size: int, size: int, repeats: int) -> dict[
         psm_step(model, params.loss, params.train.psm, device),
         torch.optim.Adam(psm_param_groups(model, params.train.psm), lr=1e-4),
     )
-    model.eval()
-    with torch.no_grad():
-        adps_fwd = median_seconds(lambda: model(batch["image"]), repeats)
-    return {
-        **plain_seconds("backbone", classification_net(params.model.backbone), batch["image"], repeats),
-        **plain_seconds("resnet18", torchvision.models.resnet18(weights=None), batch["image"], repeats),
+    times = {
         "distill_train_s": median_seconds(lambda: distill(batch), repeats),
         "psm_train_s": median_seconds(lambda: psm(batch), repeats),
-        "adps_infer_s": adps_fwd,
+        "bank_build_s": bank_build_seconds(model, params, batch["image"], bank_images) * batch_size / bank_images,
     }
+    model.eval()
+    for kind in KINDS:
+        model.set_scoring(**params.score.model_dump(), kind=kind)
+        with torch.no_grad():
+            times[f"{kind}_infer_s"] = median_seconds(lambda: model(batch["image"]), repeats)
+    backbone = classification_net(params.model.backbone)
+    return {
+        **plain_seconds("backbone", backbone, batch["image"], repeats),
+        **plain_seconds("resnet18", torchvision.models.resnet18(weights=None), batch["image"], repeats),
+        **times,
+        "backbone_mb": saved_mb(backbone.state_dict()),
+        **{f"{kind}_mb": saved_mb(kind_state(model, kind)) for kind in KINDS},
+    }
+
+
+def bank_build_seconds(model, params, image: torch.Tensor, n_images: int) -> float:
+    """Wall time to fill the bank from ``n_images`` normal images (features + coreset) and scale it."""
+    cfg = params.model.memory_bank
+    batches = [image] * max(1, n_images // len(image))
+    start = time.perf_counter()
+    build_bank(model.memory, model.teacher, batches, [image], cfg.coreset_ratio, cfg.max_entries, cfg.projection_dim, 0)
+    return time.perf_counter() - start
+
+
+def kind_state(model, kind: str) -> dict[str, torch.Tensor]:
+    """The weights a model of ``kind`` saves (the combination holds all of them)."""
+    left_out = {ADPS: ("memory.",), MEMORY_BANK: ("student.", "psm."), COMBINED: ()}[kind]
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(left_out)}
+
+
+def saved_mb(state: dict[str, torch.Tensor]) -> float:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return len(buffer.getvalue()) / 1024**2
 
 
 def classification_net(backbone: str) -> torch.nn.Module:
@@ -144,9 +178,13 @@ def cost_table(t: dict[str, float], backbone: str) -> str:
         ("ADPS stage 1 step (distillation)", t["distill_train_s"], "train", ""),
         ("ADPS stage 2 step (PSM)", t["psm_train_s"], "train", ""),
         ("ADPS training, both stages per batch", train, "train", "<= 3"),
+        ("memory bank build per batch (features + coreset)", t["bank_build_s"], "train", ""),
+        ("adps+memory_bank training per batch", train + t["bank_build_s"], "train", ""),
         (f"plain {backbone} forward", t["backbone_infer_s"], "infer", ""),
         ("plain resnet18 forward", t["resnet18_infer_s"], "infer", ""),
         ("ADPS inference (teacher + patch student + WMB + PSM + score)", t["adps_infer_s"], "infer", "<= 3.5"),
+        ("memory bank inference (teacher + nearest neighbour + score)", t["memory_bank_infer_s"], "infer", ""),
+        ("adps+memory_bank inference", t["adps+memory_bank_infer_s"], "infer", ""),
     ]
     lines = [
         f"| measure | seconds/batch | ratio to plain {backbone} | ratio to plain resnet18 | target |",
@@ -155,6 +193,9 @@ def cost_table(t: dict[str, float], backbone: str) -> str:
     for label, seconds, kind, target in rows:
         to_backbone, to_resnet = seconds / t[f"backbone_{kind}_s"], seconds / t[f"resnet18_{kind}_s"]
         lines.append(f"| {label} | {seconds:.3f} | {to_backbone:.2f} | {to_resnet:.2f} | {target} |")
+    lines += ["", f"| model size | MB | ratio to {backbone}'s weights |", "|---|---|---|"]
+    for label, key in [(f"plain {backbone}", "backbone_mb"), *((f"kind {k}", f"{k}_mb") for k in KINDS)]:
+        lines.append(f"| {label} | {t[key]:.1f} | {t[key] / t['backbone_mb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -165,10 +206,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (set explicitly: 2-core machines)")
+    parser.add_argument("--bank-images", type=int, default=64, help="normal images the bank is built from")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backbone = load_params(args.params).model.backbone
-    t = measure(args.params, args.batch, args.size, args.repeats)
+    t = measure(args.params, args.batch, args.size, args.repeats, args.bank_images)
     rss = peak_training_rss_gb(args.params, args.batch, args.size, args.threads)
     print(f"{backbone}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, device cpu\n")
     print(cost_table(t, backbone))

@@ -70,8 +70,9 @@ class TrainDataset(Dataset):
 
 
 class LabelledDataset(Dataset):
-    """Test images with their ground truth: ``image``, ``mask`` (1, H, W), ``label``, ``path``, and ``masked``:
-    False for a defect image without a mask (labelled by image only; its ``mask`` is all zeros)."""
+    """Test images with their ground truth: ``image``, ``mask`` (1, H, W), ``label``, ``path``, ``masked``:
+    False for a defect image without a mask (labelled by image only; its ``mask`` is all zeros), and
+    ``synthetic`` (always False: these are real images)."""
 
     def __init__(self, samples: Sequence[Sample], size: int, normalize: Normalizer):
         self.samples = list(samples)
@@ -89,6 +90,7 @@ class LabelledDataset(Dataset):
             "label": torch.tensor(float(sample.label)),
             "path": str(sample.image_path),
             "masked": torch.tensor(sample.label == 0 or sample.mask_path is not None),
+            "synthetic": torch.tensor(False),
         }
 
 
@@ -101,15 +103,30 @@ def split_train_val(samples: Sequence[Sample], fraction: float, seed: int) -> tu
     return train, [s for i, s in enumerate(samples) if i in val_idx]
 
 
-class ValidationDataset(Dataset):
-    """Held-out normal images, each twice: as is (label 0) and with a synthetic anomaly (label 1).
+def split_held_out(samples: Sequence[Sample], fraction: float, seed: int) -> list[Sample]:
+    """The seeded ``fraction`` of each defect type's images (at least one of a type with two or more)."""
+    held = []
+    for defect_type in sorted({s.defect_type for s in samples if s.label == 1}):
+        group = [s for s in samples if s.label == 1 and s.defect_type == defect_type]
+        order = np.random.default_rng(np.random.SeedSequence([seed, 0x7A2, len(group)])).permutation(len(group))
+        n_held = min(max(1, round(len(group) * fraction)), len(group) - 1)
+        held += [group[i] for i in sorted(order[:n_held].tolist())]
+    return held
 
-    The anomalies use their own seed, so thresholds chosen here never see the test split.
+
+class ValidationDataset(Dataset):
+    """Held-out normal images, each twice: as is (label 0) and with a synthetic anomaly (label 1); then the
+    real labelled defects held out of test, if any (label 1, their mask when they have one).
+
+    The anomalies use their own seed, so thresholds chosen here never see the test split. Items carry
+    ``synthetic``: True for the synthetic anomalies.
     """
 
     def __init__(
         self, samples: Sequence[Sample], size: int, normalize: Normalizer, anomalies: AnomalyParams, seed: int
     ):
+        self.real_defects = LabelledDataset([s for s in samples if s.label == 1], size, normalize)
+        samples = [s for s in samples if s.label == 0]
         self.samples = list(samples)
         self.size = size
         self.seed = seed
@@ -118,7 +135,7 @@ class ValidationDataset(Dataset):
         self.synthesize = AnomalySynthesizer(always, self.size, seed)
 
     def __len__(self) -> int:
-        return 2 * len(self.samples)
+        return 2 * len(self.samples) + len(self.real_defects)
 
     def anomalous(self, image: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         """A synthetic anomaly on ``image``; a few empty Perlin masks are redrawn, endless ones are an error."""
@@ -132,6 +149,8 @@ class ValidationDataset(Dataset):
         )
 
     def __getitem__(self, index: int) -> dict[str, object]:
+        if index >= 2 * len(self.samples):
+            return self.real_defects[index - 2 * len(self.samples)]
         sample = self.samples[index % len(self.samples)]
         image = load_rgb(sample.image_path, self.size)
         mask = np.zeros(image.shape[:2], bool)
@@ -143,4 +162,5 @@ class ValidationDataset(Dataset):
             "label": torch.tensor(float(mask.any())),
             "path": f"{sample.image_path}#{'synthetic' if mask.any() else 'normal'}",
             "masked": torch.tensor(True),
+            "synthetic": torch.tensor(bool(mask.any())),
         }

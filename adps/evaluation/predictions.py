@@ -21,7 +21,8 @@ MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class Predictions:
     """maps (N, H, W) float32, scores (N,), masks (N, H, W) bool, labels (N,) int, paths [N],
-    masked (N,) bool: whether the image's pixels are labelled (False for a defect without a mask)."""
+    masked (N,) bool: whether the image's pixels are labelled (False for a defect without a mask),
+    synthetic (N,) bool: a synthetic anomaly of the validation split (False for real images)."""
 
     maps: np.ndarray
     scores: np.ndarray
@@ -29,6 +30,29 @@ class Predictions:
     labels: np.ndarray
     paths: list[str]
     masked: np.ndarray
+    synthetic: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.synthetic is None:
+            self.synthetic = np.zeros(len(self.labels), bool)
+
+    @property
+    def n_real_defects(self) -> int:
+        """Labelled real defect images (not synthetic)."""
+        return int(((self.labels == 1) & ~self.synthetic).sum())
+
+    def real(self) -> Predictions:
+        """Only the real images (normals and real defects; the synthetic anomalies left out)."""
+        keep = ~self.synthetic
+        return Predictions(
+            self.maps[keep],
+            self.scores[keep],
+            self.masks[keep],
+            self.labels[keep],
+            [p for p, k in zip(self.paths, keep, strict=True) if k],
+            self.masked[keep],
+            self.synthetic[keep],
+        )
 
     @property
     def n_unmasked(self) -> int:
@@ -52,7 +76,7 @@ def predict_dataset(
 ) -> Predictions:
     """Anomaly maps and scores of every item of ``dataset`` (items: image, mask, label, path, masked)."""
     model.eval()
-    maps, scores, masks, labels, paths, masked = [], [], [], [], [], []
+    maps, scores, masks, labels, paths, masked, synthetic = [], [], [], [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc="predicting", leave=False, disable=not progress):
         anomaly_map, score = map_fn(model, batch["image"].to(device))
@@ -62,6 +86,7 @@ def predict_dataset(
         labels.append(batch["label"].numpy().astype(int))
         paths.extend(batch["path"])
         masked.append(batch["masked"].numpy().astype(bool))
+        synthetic.append(batch["synthetic"].numpy().astype(bool))
     return Predictions(
         np.concatenate(maps),
         np.concatenate(scores),
@@ -69,6 +94,7 @@ def predict_dataset(
         np.concatenate(labels),
         paths,
         np.concatenate(masked),
+        np.concatenate(synthetic),
     )
 
 
@@ -80,7 +106,8 @@ def validation_predictions(
     progress: bool = False,
     map_fn: MapFn = adps_maps,
 ) -> Predictions:
-    """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed)."""
+    """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed), and
+    the real defects held out of test, if any."""
     normalize = input_normalizer(params)
     dataset = ValidationDataset(val, params.data.image_size, normalize, params.anomalies, params.runtime.seed + 2)
     return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress, map_fn)

@@ -13,21 +13,36 @@ from adps.data.images import load_rgb
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
 from adps.evaluation.metrics import curves, decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions
-from adps.evaluation.thresholds import choose_thresholds
+from adps.evaluation.thresholds import choose_threshold
 from adps.files import write_atomically, write_json_atomically
 
 
 def calibrate(val: Predictions, cfg: ThresholdParams, score: dict[str, Any]) -> dict[str, Any]:
-    """Image and pixel thresholds from the validation split, how they were chosen, and the scoring they assume."""
-    thresholds = choose_thresholds(val.scores, val.labels, val.maps, val.masks, cfg)
+    """Image and pixel thresholds from the validation split, how they were chosen, and the scoring they assume.
+
+    When the validation split holds real labelled defects, the image threshold is chosen on them and the
+    normal images alone (synthetic anomalies left out); pixel thresholds use every image with a mask.
+    """
+    on_real = val.n_real_defects > 0
+    image = val.real() if on_real else val
     return {
-        **thresholds,
+        "image": choose_threshold(image.scores, image.labels, cfg),
+        "pixel": choose_threshold(val.maps[val.masked].ravel(), val.masks[val.masked].ravel(), cfg),
         "score": score,
         "strategy": cfg.strategy,
         "percentile": cfg.percentile,
         "source": "validation split",
         "n_validation_images": len(val.labels),
+        "image_threshold_on": image_threshold_basis(image, on_real),
     }
+
+
+def image_threshold_basis(val: Predictions, on_real: bool) -> str:
+    """What the image threshold was chosen on, in words (the version page shows it)."""
+    normals = int((val.labels == 0).sum())
+    if on_real:
+        return f"real defects: {val.n_real_defects} labelled defect images and {normals} normal images"
+    return f"synthetic anomalies on {normals} held-out normal images"
 
 
 def evaluation_report(test: Predictions, thresholds: dict[str, Any], cfg: EvaluationParams) -> dict[str, Any]:

@@ -1,4 +1,11 @@
-"""The ADPS model: teacher + patch student, Weight Mask Block, Post-Segmentation Module, scoring."""
+"""The model: teacher + patch student, Weight Mask Block, Post-Segmentation Module, a memory bank, scoring.
+
+One module for the three kinds of :data:`KINDS`, all on the same frozen teacher: ``adps`` (student,
+WMB and PSM), ``memory_bank`` (nearest normal teacher feature, no training) and ``adps+memory_bank``
+(both trained; the ADPS map, and the sum of the two image scores each standardised on held-out
+normal images). A model holds the parts of the kind it was built as; ``set_scoring`` chooses which of
+the kinds it holds it answers with.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from adps.model.backbones import Student, Teacher, stage_channels
+from adps.model.memory_bank import MemoryBank, level_channels
+
+ADPS, MEMORY_BANK, COMBINED = "adps", "memory_bank", "adps+memory_bank"
+KINDS = (ADPS, MEMORY_BANK, COMBINED)
+
+
+def held_kinds(kind: str) -> tuple[str, ...]:
+    """The kinds a model built as ``kind`` can answer with (the combination holds all three)."""
+    return KINDS if kind == COMBINED else (kind,)
 
 
 @dataclass
@@ -33,16 +49,16 @@ class AdpsOutput:
     """What the model returns in every mode.
 
     Attributes:
-        anomaly_map: (B, 1, H, W) anomaly probability per pixel, in [0, 1].
-        logits: (B, 2, H, W) PSM logits (normal, anomalous), for the segmentation loss.
-        image_score: (B,) image anomaly score (smoothed-map max or top-k mean).
-        distill: the per-level teacher/student maps and cosine maps.
+        anomaly_map: (B, 1, H, W) anomaly value per pixel, in [0, 1].
+        logits: (B, 2, H, W) PSM logits (normal, anomalous), for the segmentation loss; None for a memory bank.
+        image_score: (B,) image anomaly score (smoothed-map max or top-k mean; a z-score sum when combined).
+        distill: the per-level teacher/student maps and cosine maps; None for a memory bank.
     """
 
     anomaly_map: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     image_score: torch.Tensor
-    distill: DistillOutput
+    distill: DistillOutput | None
 
 
 def weight_mask(teacher_feats: list[torch.Tensor], cos_maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -119,7 +135,11 @@ class ImageScorer(nn.Module):
 
 
 class AdpsModel(nn.Module):
-    """Teacher (whole image) + student (k x k patches) -> WMB -> PSM -> anomaly map and image score."""
+    """Teacher (whole image) + student (k x k patches) -> WMB -> PSM, and/or a memory bank -> map and score.
+
+    ``kind`` says which parts exist: the student and PSM for ``adps``, the bank for ``memory_bank``,
+    both for ``adps+memory_bank``.
+    """
 
     def __init__(
         self,
@@ -128,17 +148,47 @@ class AdpsModel(nn.Module):
         split_after: tuple[int, ...],
         psm_head_channels: tuple[int, int],
         scoring: dict[str, Any],
+        kind: str = ADPS,
+        bank_levels: tuple[int, ...] = (1, 2),
+        bank_neighbourhood: int = 3,
     ):
         super().__init__()
+        self.kind = kind
         self.teacher = Teacher(backbone)
-        self.student = Student(backbone, patches, split_after)
-        self.psm = PostSegmentation(stage_channels(backbone), psm_head_channels)
-        self.scorer = ImageScorer(**scoring)  # method, sigma, topk; set_scoring changes them (no weights involved)
+        if kind != MEMORY_BANK:
+            self.student = Student(backbone, patches, split_after)
+            self.psm = PostSegmentation(stage_channels(backbone), psm_head_channels)
+        if kind != ADPS:
+            channels = level_channels(stage_channels(backbone), bank_levels)
+            self.memory = MemoryBank(channels, bank_levels, bank_neighbourhood)
+        self.set_scoring(**scoring)
 
-    def set_scoring(self, method: str, sigma: float, topk: int) -> AdpsModel:
-        """Choose how the image score is read off the map (``score.*`` params; no weights involved)."""
-        self.scorer = ImageScorer(method, sigma, topk).to(self.psm.head.weight.device)
+    def set_scoring(
+        self,
+        method: str,
+        sigma: float,
+        topk: int,
+        kind: str | None = None,
+        normal_stats: dict[str, list[float]] | None = None,
+    ) -> AdpsModel:
+        """Choose how the image score is read off the map (``score.*`` params; no weights involved), and
+        which held kind answers (default: the one built). ``normal_stats``: {kind: [mean, std]} of the
+        two parts' scores on held-out normal images, which the combination needs."""
+        kind = kind or self.kind
+        if kind not in held_kinds(self.kind):
+            raise ValueError(f"a model built as {self.kind} cannot answer as {kind}")
+        if kind == COMBINED and not normal_stats:
+            normal_stats = {ADPS: [0.0, 1.0], MEMORY_BANK: [0.0, 1.0]}  # until evaluate measures them
+        device = self.teacher_device()
+        self.scorer = ImageScorer(method, sigma, topk).to(device)
+        self.answer = kind
+        stats = normal_stats or {}
+        self.register_buffer("score_center", torch.tensor([stats.get(k, [0.0, 1.0])[0] for k in KINDS[:2]]).to(device), persistent=False)
+        self.register_buffer("score_scale", torch.tensor([stats.get(k, [0.0, 1.0])[1] for k in KINDS[:2]]).to(device), persistent=False)
         return self
+
+    def teacher_device(self) -> torch.device:
+        return next(self.teacher.parameters()).device
 
     def distill(self, image: torch.Tensor) -> DistillOutput:
         """Teacher and student maps for (B, 3, H, W) images, and their per-level cosine maps."""
@@ -159,8 +209,18 @@ class AdpsModel(nn.Module):
         return AdpsOutput(anomaly_map, logits, self.scorer(anomaly_map.detach()), distill)
 
     def forward(self, image: torch.Tensor) -> AdpsOutput:
-        """Algorithm 1: (B, 3, H, W) -> anomaly map (B, 1, H, W) and image score (B,)."""
-        return self.segment(self.distill(image), tuple(image.shape[-2:]))
+        """Algorithm 1 (or the bank, or both): (B, 3, H, W) -> anomaly map (B, 1, H, W) and image score (B,)."""
+        size = tuple(image.shape[-2:])
+        if self.answer == MEMORY_BANK:
+            with torch.no_grad():
+                bank_map = self.memory(self.teacher(image), size)
+            return AdpsOutput(bank_map, None, self.scorer(bank_map), None)
+        out = self.segment(self.distill(image), size)
+        if self.answer == COMBINED:
+            bank_score = self.scorer(self.memory(out.distill.teacher_feats, size))
+            z = (torch.stack([out.image_score, bank_score], dim=1) - self.score_center) / self.score_scale
+            out.image_score = z.sum(dim=1)
+        return out
 
 
 def cosine_anomaly_map(distill: DistillOutput, size: tuple[int, int]) -> torch.Tensor:

@@ -22,7 +22,7 @@ from adps.data.datasets import Normalizer
 from adps.errors import AdpsError
 from adps.files import write_atomically
 from adps.model.backbones import input_normalization
-from adps.model.network import AdpsModel
+from adps.model.network import ADPS, COMBINED, AdpsModel
 
 FORMAT_VERSION = 1
 
@@ -57,15 +57,28 @@ def fingerprint(payload: Any) -> str:
 
 
 def build_model(spec: dict[str, Any]) -> AdpsModel:
-    """The model of a spec, scoring with the ``score`` defaults until told otherwise (``set_scoring``)."""
+    """The model of a spec, scoring with the ``score`` defaults until told otherwise (``set_scoring``).
+
+    ``model.kind: auto`` builds the combination, which holds every kind (evaluate chooses among them).
+    A checkpoint from before model kinds (no ``kind``) is an ADPS model.
+    """
     m = spec["model"]
+    bank = m.get("memory_bank", {})
     return AdpsModel(
         backbone=m["backbone"],
         patches=m["patches"],
         split_after=tuple(m["split_after"]),
         psm_head_channels=tuple(m["psm_head_channels"]),
         scoring=ScoreParams().model_dump(),
+        kind=built_kind(m.get("kind", ADPS)),
+        bank_levels=tuple(bank.get("levels", (1, 2))),
+        bank_neighbourhood=bank.get("neighbourhood", 3),
     )
+
+
+def built_kind(kind: str) -> str:
+    """The kind of model ``model.kind`` builds: ``auto`` builds the combination (it can answer as any kind)."""
+    return COMBINED if kind == "auto" else kind
 
 
 def versions() -> dict[str, str]:

@@ -8,11 +8,16 @@ from tests.conftest import REPO_ROOT
 def test_cost_benchmark_measures_every_step():
     timings = measure(str(REPO_ROOT / "params.yaml"), batch_size=2, size=64, repeats=1)
     plain = {f"{net}_{kind}_s" for net in ("backbone", "resnet18") for kind in ("train", "infer")}
-    assert set(timings) == plain | {"distill_train_s", "psm_train_s", "adps_infer_s"}
+    kinds = ("adps", "memory_bank", "adps+memory_bank")
+    steps = {"distill_train_s", "psm_train_s", "bank_build_s", *(f"{k}_infer_s" for k in kinds)}
+    assert set(timings) == plain | steps | {"backbone_mb", *(f"{k}_mb" for k in kinds)}
     table = cost_table(timings, "efficientnet_lite0")
     both = timings["distill_train_s"] + timings["psm_train_s"]
     ratio = both / timings["backbone_train_s"]
     assert f"| ADPS training, both stages per batch | {both:.3f} | {ratio:.2f} |" in table
+    # the combination holds both parts; the bank alone has no student or PSM
+    assert timings["memory_bank_mb"] < timings["adps_mb"] < timings["adps+memory_bank_mb"]
+    assert f"| kind memory_bank | {timings['memory_bank_mb']:.1f} |" in table
 
 
 def test_ablation_table_has_a_mean_row():

@@ -1,0 +1,76 @@
+"""Which model kind a category ships, chosen on real labelled defects of the validation split when it has them.
+
+Synthetic anomalies cannot choose: the ADPS parts were trained on them and would always win. With
+``model.kind: auto`` the model holds every kind (ADPS, the memory bank, and their combination) and
+each is scored on the validation split; the one with the best image AUROC on the real defects
+(against the held-out normal images) ships. Without real defects in validation the combination
+ships (:data:`DEFAULT_KIND`): its pixel map is ADPS's, and its image score adds the memory bank's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from adps.evaluation.metrics import image_metrics
+from adps.evaluation.predictions import Predictions
+from adps.model.network import ADPS, COMBINED, MEMORY_BANK, AdpsModel, held_kinds
+
+DEFAULT_KIND = COMBINED
+PREFERENCE = (COMBINED, ADPS, MEMORY_BANK)  # on equal validation AUROC
+STD_FLOOR = 1e-3  # both parts score in [0, 1]: a part flat on normal images is not blown up into noise
+
+
+def normal_stats(val: dict[str, Predictions]) -> dict[str, list[float]]:
+    """[mean, std] of each part's image scores on the held-out normal images (the combination's z-scores)."""
+    stats = {}
+    for kind in (ADPS, MEMORY_BANK):
+        normal = val[kind].scores[(val[kind].labels == 0) & ~val[kind].synthetic]
+        stats[kind] = [float(normal.mean()), float(max(normal.std(), STD_FLOOR))]
+    return stats
+
+
+def score_each_kind(
+    model: AdpsModel, score: dict[str, Any], predict: Callable[[AdpsModel], Predictions]
+) -> tuple[dict[str, Predictions], dict[str, dict[str, Any]]]:
+    """``predict`` under each kind the model holds, and the scoring of each (the combination's with the
+    normal statistics measured on the parts' validation predictions first).
+
+    ``predict(model)`` returns validation predictions; the returned scorings are what thresholds.json
+    ships under ``score``.
+    """
+    predictions, scorings = {}, {}
+    for kind in held_kinds(model.kind):
+        scorings[kind] = {**score, "kind": kind}
+        if kind == COMBINED:
+            scorings[kind]["normal_stats"] = normal_stats(predictions)
+        model.set_scoring(**scorings[kind])
+        predictions[kind] = predict(model)
+    return predictions, scorings
+
+
+def choose_kind(requested: str, val: dict[str, Predictions]) -> tuple[str, str]:
+    """(kind, why): ``requested`` unless it is ``auto``; then the best on real validation defects, or the default."""
+    if requested != "auto":
+        return requested, "model.kind"
+    real = {kind: pred.real() for kind, pred in val.items()}
+    n_defects = next(iter(val.values())).n_real_defects
+    if n_defects == 0 or len(val) == 1:
+        return DEFAULT_KIND, "auto: the default (the validation split has no real defects)"
+    auroc = {kind: image_metrics(pred.scores, pred.labels)["image_auroc"] for kind, pred in real.items()}
+    best = max(PREFERENCE, key=lambda kind: (auroc[kind], -PREFERENCE.index(kind)))
+    shown = ", ".join(f"{kind} {value:.3f}" for kind, value in auroc.items())
+    return best, f"auto: best validation image AUROC on {n_defects} real defects ({shown})"
+
+
+def kind_table(test: dict[str, Predictions], val: dict[str, Predictions]) -> dict[str, dict[str, float | None]]:
+    """Per held kind: test image AUROC and AP, and validation image AUROC on real defects (None without)."""
+    table = {}
+    for kind, pred in test.items():
+        real = val[kind].real()
+        row = {k: v for k, v in image_metrics(pred.scores, pred.labels).items() if k in ("image_auroc", "image_ap")}
+        row["val_image_auroc"] = image_metrics(real.scores, real.labels)["image_auroc"] if real.labels.any() else None
+        table[kind] = {k: (None if v is None or np.isnan(v) else float(v)) for k, v in row.items()}
+    return table
