@@ -362,7 +362,7 @@ def fill_memory_bank(params: Params, model, train: list, val: list, device) -> d
         cfg.projection_dim,
         params.runtime.seed,
     )
-    logger.info("memory bank: %d of %d positions kept, scale %.4f", built["entries"], built["positions"], built["scale"])
+    logger.info("memory bank: %(entries)d of %(positions)d positions kept, scale %(scale).4f", built)
     return built
 
 

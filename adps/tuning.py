@@ -49,9 +49,9 @@ from adps.data.splits import category_splits
 from adps.errors import AdpsError
 from adps.evaluation.metrics import decision_metrics, detection_metrics
 from adps.evaluation.predictions import Predictions, validation_predictions
-from adps.model.network import ADPS
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
+from adps.model.network import ADPS
 from adps.runtime import shared_threads
 from adps.training.checkpoints import load_model
 

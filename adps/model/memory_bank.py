@@ -65,7 +65,7 @@ class NearestNeighbourMap(nn.Module):
         """Replace the entries (N, C)."""
         self.bank, self.bank_sq = bank.contiguous(), (bank**2).sum(dim=1)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, D401
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A saved bank of any size loads (the empty one of a freshly built model takes its shape)."""
         if prefix + "bank" in state_dict:
             self.fill(torch.empty_like(state_dict[prefix + "bank"]))
@@ -101,8 +101,11 @@ class MemoryBank(nn.Module):
     def features(self, teacher_feats: list[torch.Tensor]) -> torch.Tensor:
         """(B, C, h, w): the chosen levels, each averaged over its ``neighbourhood`` x ``neighbourhood`` positions."""
         k = self.neighbourhood
-        pooled = [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) if k > 1 else f for f in teacher_feats]
-        return position_features(pooled, self.levels)
+        if k > 1:
+            teacher_feats = [
+                F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in teacher_feats
+            ]
+        return position_features(teacher_feats, self.levels)
 
     def distances(self, teacher_feats: list[torch.Tensor]) -> torch.Tensor:
         """(B, 1, h, w) distance of each position to its nearest bank entry."""

@@ -182,9 +182,9 @@ class AdpsModel(nn.Module):
         device = self.teacher_device()
         self.scorer = ImageScorer(method, sigma, topk).to(device)
         self.answer = kind
-        stats = normal_stats or {}
-        self.register_buffer("score_center", torch.tensor([stats.get(k, [0.0, 1.0])[0] for k in KINDS[:2]]).to(device), persistent=False)
-        self.register_buffer("score_scale", torch.tensor([stats.get(k, [0.0, 1.0])[1] for k in KINDS[:2]]).to(device), persistent=False)
+        center, scale = zip(*[(normal_stats or {}).get(k, [0.0, 1.0]) for k in (ADPS, MEMORY_BANK)], strict=True)
+        self.register_buffer("score_center", torch.tensor(center).to(device), persistent=False)
+        self.register_buffer("score_scale", torch.tensor(scale).to(device), persistent=False)
         return self
 
     def teacher_device(self) -> torch.device:
