@@ -1,7 +1,7 @@
 """Real defects: ELPV solar cells, this pipeline against the training-free nearest-neighbour floor.
 
 Usage: ``python -m benchmarks.elpv [--out benchmarks/out/elpv] [--set data.image_size=256 ...]
-[--types mono,poly] [--skip-pipeline]``
+[--types mono,poly] [--n-val-defects 30] [--skip-pipeline] [--score-ablation]``
 
 The ELPV dataset (Buerhop-Lutz et al. 2018, Deitsch et al. 2019: 2,624 electroluminescence images
 of solar cells, 300 x 300, 8-bit grey, each labelled with a defect probability 0, 1/3, 2/3 or 1;
@@ -11,18 +11,23 @@ CC-BY-NC-SA-4.0 (non-commercial): a benchmark to install, never part of this rep
 dataset or its models, and not installed by ``make setup``.
 
 **Split** (seeded, ``--seed``): per cell type (``mono``, ``poly``), ``--n-train`` cells with p = 0
-for training, ``--n-test`` other p = 0 cells and ``--n-test`` cells with p = 1 for test; the
-uncertain labels (p = 1/3, 2/3) are left out. It is written as an MVTec-layout source without
-``ground_truth/`` (labels by image only) and imported by the project's own importer.
+for training, ``--n-test`` other p = 0 cells and ``--n-test`` + ``--n-val-defects`` cells with p = 1
+for test; the uncertain labels (p = 1/3, 2/3) are left out. It is written as an MVTec-layout source
+without ``ground_truth/`` (labels by image only) and imported by the project's own importer; the
+project's ``data.val_defect_fraction`` then holds ``--n-val-defects`` of the defect cells out of test
+for validation, as a factory that knows some rejected parts would: the image threshold and the model
+kind (``model.kind: auto``) are chosen on them. Every model is tested on the same ``--n-test`` +
+``--n-test`` cells.
 
 **Run**: ``--out`` becomes a project folder whose params.yaml is the repository's with
 ``data.source: mvtec`` and ``categories: [mono, poly]`` plus the ``--set`` overrides; the stages
 ``prepare``, ``validate``, ``distill``, ``psm`` and ``evaluate`` run there (the functions ``dvc
 repro`` runs), then the floor (``benchmarks/knn_floor.py``) on the same split, teacher and input
 size (and at ``--floor-sizes``, default 256²), its threshold chosen on the same validation split.
-An image-score ablation then re-scores the trained models (no retraining) with wider pools of
-pixels. The tables (image AUROC, image AP, F1 at the shipped threshold, per type) are printed and
-written to ``OUT/results.md``, every metric to ``OUT/results.json``.
+The table shows the shipped model and each kind the model holds (``metrics["kinds"]``: ADPS alone,
+the memory bank alone, their combination). ``--score-ablation`` re-scores the trained ADPS parts (no
+retraining) with wider pools of pixels. The tables (image AUROC, image AP, F1 at the shipped
+threshold, per type) are printed and written to ``OUT/results.md``, every metric to ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import yaml
 
 from adps import paths, stages
 from adps.config import load_params, nest_dotted, override_params
+from adps.model.network import ADPS, KINDS
 from benchmarks.knn_floor import cell, knn_floor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +70,16 @@ def elpv_labels() -> list[tuple[Path, float, str]]:
     return [(data / name, float(p), kind) for name, p, kind in rows]
 
 
-def split_cells(labels: list[tuple[Path, float, str]], kind: str, n_train: int, n_test: int, seed: int) -> dict:
-    """Seeded choice of one type's cells: ``{"train/good": [...], "test/good": [...], "test/defect": [...]}``."""
+def split_cells(
+    labels: list[tuple[Path, float, str]], kind: str, n_train: int, n_test: int, seed: int, n_val_defects: int = 0
+) -> dict:
+    """Seeded choice of one type's cells: ``{"train/good": [...], "test/good": [...], "test/defect": [...]}``
+    (``n_test + n_val_defects`` defect cells: validation takes its share of them at import)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, TYPES.index(kind)]))
     normal = [path for path, p, k in labels if k == kind and p == 0.0]
     defect = [path for path, p, k in labels if k == kind and p == 1.0]
     normal = [normal[i] for i in rng.permutation(len(normal))[: n_train + n_test]]
-    defect = [defect[i] for i in rng.permutation(len(defect))[:n_test]]
+    defect = [defect[i] for i in rng.permutation(len(defect))[: n_test + n_val_defects]]
     return {"train/good": normal[:n_train], "test/good": normal[n_train:], "test/defect": defect}
 
 
@@ -94,10 +103,11 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def project_params(out: Path, overrides: dict[str, Any], types: list[str]):
+def project_params(out: Path, overrides: dict[str, Any], types: list[str], val_defect_fraction: float = 0.0):
     """The repository's params, pointed at the ELPV source, with ``overrides``; written to OUT/params.yaml."""
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    raw = merge(raw, {"data": {"source": "mvtec", "import_path": "source", "categories": types}})
+    data = {"source": "mvtec", "import_path": "source", "categories": types, "val_defect_fraction": val_defect_fraction}
+    raw = merge(raw, {"data": data})
     raw = merge(raw, overrides)
     (out / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_params(out / "params.yaml")
@@ -135,13 +145,14 @@ def score_ablation(params, kind: str) -> dict[str, dict[str, Any]]:
     device = setup_torch(params)
     model, _ = load_model(paths.psm_checkpoint(params, kind))
     model.to(device)
+    model_kind = ADPS
     _, val, test = category_splits(params, kind)
     dataset = LabelledDataset(test, params.data.image_size, input_normalizer(params))
     results = {}
     for name, score in SCORE_VARIANTS.items():
         pixels = params.data.image_size**2
         score = {**score, "topk": max(1, round(score["topk"] * pixels)) if score["topk"] <= 1 else score["topk"]}
-        model.set_scoring(**score)
+        model.set_scoring(**score, kind=model_kind)
         val_pred = validation_predictions(model, val, params, device)
         test_pred = predict_dataset(model, dataset, params.evaluation.batch_size, device)
         thresholds = reports.calibrate(val_pred, params.threshold, score)
@@ -159,6 +170,14 @@ def results_table(results: dict[str, dict[str, dict[str, Any]]], types: list[str
     return "\n".join(lines)
 
 
+def shipped_kinds(shipped: dict[str, dict[str, Any]]) -> str:
+    """One line per cell type: the kind shipped, why, and what its image threshold was chosen on."""
+    return "\n".join(
+        f"- {t}: ships {m['kind']} ({m['kind_choice']}); image threshold on {m.get('image_threshold_on', '?')}"
+        for t, m in shipped.items()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/elpv"))
@@ -166,7 +185,9 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(TYPES), help="cell types, of mono,poly")
     parser.add_argument("--n-train", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=60)
+    parser.add_argument("--n-val-defects", type=int, default=30, help="defect cells held out for validation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--score-ablation", action="store_true", help="also re-score the ADPS parts' maps")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the floor (the pipeline's last results)")
     parser.add_argument(
         "--floor-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[256], help="floor input sizes too"
@@ -181,25 +202,31 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     labels = elpv_labels()
-    write_source(out / "source", {t: split_cells(labels, t, args.n_train, args.n_test, args.seed) for t in types})
-    params = project_params(out, overrides, types)
+    cells = {t: split_cells(labels, t, args.n_train, args.n_test, args.seed, args.n_val_defects) for t in types}
+    write_source(out / "source", cells)
+    params = project_params(out, overrides, types, args.n_val_defects / (args.n_test + args.n_val_defects))
     os.chdir(out)
     results: dict[str, dict[str, Any]] = {}
-    if args.skip_pipeline:
-        results["this pipeline"] = {t: json.loads(paths.metrics_file(params, t).read_text()) for t in types}
-    else:
-        results["this pipeline"] = run_pipeline(params, types)
+    shipped = (
+        {t: json.loads(paths.metrics_file(params, t).read_text()) for t in types}
+        if args.skip_pipeline
+        else run_pipeline(params, types)
+    )
+    results[f"this pipeline (model.kind {params.model.kind})"] = shipped
+    for kind in KINDS:
+        results[f"kind {kind}"] = {t: m["kinds"][kind] for t, m in shipped.items() if kind in m.get("kinds", {})}
     for size in sorted({params.data.image_size, *args.floor_sizes}):
         at_size = override_params(params, {"data.image_size": size})
         results[f"kNN floor (training-free), {size}²"] = {t: knn_floor(at_size, t) for t in types}
-    table = results_table(results, types)
-    ablation = {f"ADPS, image score = {name}": {} for name in SCORE_VARIANTS}
-    for kind in types:
-        for name, metrics in score_ablation(params, kind).items():
-            ablation[f"ADPS, image score = {name}"][kind] = metrics
-    table += "\n\nImage-score ablation (the same trained models, thresholds re-chosen on validation):\n\n"
-    table += results_table(ablation, types)
-    results.update(ablation)
+    table = results_table(results, types) + "\n\n" + shipped_kinds(shipped)
+    if args.score_ablation:
+        ablation = {f"ADPS, image score = {name}": {} for name in SCORE_VARIANTS}
+        for kind in types:
+            for name, metrics in score_ablation(params, kind).items():
+                ablation[f"ADPS, image score = {name}"][kind] = metrics
+        table += "\n\nImage-score ablation (the same trained models, thresholds re-chosen on validation):\n\n"
+        table += results_table(ablation, types)
+        results.update(ablation)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     (out / "results.md").write_text(table + "\n")
     print(table)

@@ -57,6 +57,7 @@ def evaluation_report(test: Predictions, thresholds: dict[str, Any], cfg: Evalua
     metrics.update({f"pixel_{k}_at_threshold": v for k, v in pixel.items()})
     metrics.update(
         image_threshold=thresholds["image"],
+        image_threshold_on=thresholds.get("image_threshold_on"),
         pixel_threshold=thresholds["pixel"],
         n_test=len(test.labels),
         n_test_anomalous=int(test.labels.sum()),

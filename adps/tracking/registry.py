@@ -185,6 +185,7 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
     tags = {
         "category": category,
         "teacher_weights": str(metrics.get("teacher_weights")),
+        "model_kind": str(metrics.get("kind", "adps")),
         "model_hash": digest,
         "model_md5": file_md5(paths.psm_checkpoint(params, category)),  # = DVC's md5 of psm.pt
         "data_sha256": manifest_digest(manifest),
@@ -246,7 +247,7 @@ def version_description(
         new, old = metrics.get(key), before.get(key)
         difference = f"{new - old:+.4f}" if isinstance(new, float) and old is not None else ""
         lines.append(f"| {key} | {number(new)} | {number(old)} | {difference} |")
-    lines += ["", pixel_coverage(metrics)]
+    lines += ["", pixel_coverage(metrics), "", *kind_lines(metrics)]
     registry, commit = params.registry, tags.get("git_commit", "unknown")
     dirty = " (source or params differed from it)" if tags.get("git_dirty") == "true" else ""
     lines += [
@@ -261,7 +262,8 @@ def version_description(
         f"- code: git {commit}{dirty}",
         f"- data: sha256 {tags['data_sha256']} (every file in the run's `{MANIFEST_ARTIFACT}`); "
         f"model psm.pt md5 {tags['model_md5']} (as in dvc.lock)",
-        f"- thresholds (validation split): image {number(metrics.get('image_threshold'))}, "
+        f"- thresholds (validation split): image {number(metrics.get('image_threshold'))} "
+        f"(chosen on {metrics.get('image_threshold_on') or 'synthetic anomalies'}), "
         f"pixel {number(metrics.get('pixel_threshold'))}",
         "",
         f"**Reproduce**: `git checkout {commit} && dvc pull && dvc repro register@{category}`",
@@ -270,6 +272,23 @@ def version_description(
         "images: image | ground truth | map | predicted mask) and `model.onnx`.",
     ]
     return "\n".join(lines)
+
+
+def kind_lines(metrics: dict[str, Any]) -> list[str]:
+    """The shipped model kind, why, and each kind the model holds on the same test split."""
+    kind = metrics.get("kind", "adps")
+    lines = [f"**Model kind**: {kind} ({metrics.get('kind_choice', 'model.kind')})."]
+    held = metrics.get("kinds", {})
+    if len(held) > 1:
+        lines += ["", "| kind | test image AUROC | test image AP | validation image AUROC (real defects) |"]
+        lines.append("|---|---|---|---|")
+        for name, row in held.items():
+            shown = f"**{name}** (shipped)" if name == kind else name
+            lines.append(
+                f"| {shown} | {number(row.get('image_auroc'))} | {number(row.get('image_ap'))} "
+                f"| {number(row.get('val_image_auroc'))} |"
+            )
+    return lines
 
 
 def number(value: Any) -> str:

@@ -1,0 +1,115 @@
+"""The model kinds beside ADPS, for real: the memory bank through the Prefect flow, DVC, ONNX and the served
+model; ``model.kind: auto`` choosing the kind and the image threshold on real validation defects.
+
+The combination (the default without real validation defects) is what every other test trains.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from adps import paths, stages
+from adps.config import load_params
+from adps.export import onnx_predictor
+from adps.inference import Predictor
+from flows.pipeline import adps_pipeline
+from tests.conftest import make_dvc_project, project_env, run, tiny_params, write_params
+
+MAP_TOLERANCE = 1e-4
+
+
+def test_the_memory_bank_kind_runs_through_the_flow_and_dvc_and_serves_like_adps(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    root.mkdir()
+    env = project_env(root)
+    make_dvc_project(root, env, model={"kind": "memory_bank"})
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        rows = adps_pipeline(params_path="params.yaml")
+    assert rows[0]["status"] == "retrained" and rows[0]["ran"] == "validate, distill, psm, evaluate, export, register"
+    assert "up to date" in run(["dvc", "status"], root, env)  # what the flow wrote is what DVC versions
+
+    params = load_params(root / "params.yaml")
+    metrics = json.loads(paths.metrics_file(params, "washer").read_text())
+    assert (metrics["kind"], metrics["kind_choice"], list(metrics["kinds"])) == ("memory_bank", "model.kind", ["memory_bank"])
+    assert json.loads(paths.train_history(params, "washer", "distill").read_text()) == []  # nothing trained
+    checkpoint = __import__("torch").load(paths.psm_checkpoint(params, "washer"), weights_only=True)
+    assert not any(k.startswith(("student.", "psm.")) for k in checkpoint["state"])  # the bank and the teacher only
+
+    images = sorted(paths.category_dir(params, "washer").glob("test/*/*.png"))
+    local = Predictor.from_dir(paths.model_dir(params, "washer"), "cpu").predict_paths(images)
+    exported = onnx_predictor(paths.model_dir(params, "washer")).predict_paths(images)
+    assert max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(local, exported)) < MAP_TOLERANCE
+    np.testing.assert_allclose([b.score for b in exported], [a.score for a in local], atol=MAP_TOLERANCE)
+    assert [b.is_anomalous for b in exported] == [a.is_anomalous for a in local]
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    served = mlflow.pyfunc.load_model("models:/adps-washer@challenger")  # what `mlflow models serve` runs
+    frame = served.predict(pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
+    np.testing.assert_allclose(frame["score"], [a.score for a in local], rtol=1e-5)
+    page = MlflowClient(uri, registry_uri=uri).get_model_version("adps-washer", "1").description
+    assert "**Model kind**: memory_bank (model.kind)." in page
+
+
+def test_auto_chooses_the_kind_and_the_image_threshold_on_real_validation_defects(project):
+    sections = {
+        "data": {"categories": ["washer"], "image_size": 64, "val_defect_fraction": 0.5},
+        "synthetic": {"n_test_defect": 2},  # 2 per defect kind: one of each (5) goes to validation
+    }
+    write_params(project, **sections)
+    params = tiny_params(**sections).at(project)
+    stages.prepare(params)
+    for stage in (stages.distill, stages.psm, stages.evaluate):
+        stage(params, "washer")
+    metrics = json.loads(paths.metrics_file(params, "washer").read_text())
+    thresholds = json.loads(paths.thresholds_file(params, "washer").read_text())
+    assert metrics["kind_choice"].startswith("auto: best validation image AUROC on 5 real defects (adps ")
+    assert set(metrics["kinds"]) == {"adps", "memory_bank", "adps+memory_bank"}
+    assert all(row["val_image_auroc"] is not None for row in metrics["kinds"].values())
+    best = max(row["val_image_auroc"] for row in metrics["kinds"].values())
+    assert metrics["kinds"][metrics["kind"]]["val_image_auroc"] == best
+    # 10 training normals: round(1.5) = 2 held out; 2 x 5 defects: 5 held out, 5 stay in test
+    assert thresholds["image_threshold_on"] == "real defects: 5 labelled defect images and 2 normal images"
+    assert metrics["image_threshold_on"] == thresholds["image_threshold_on"]
+    assert metrics["n_test_anomalous"] == 5 and metrics["n_test"] == 5 + 2
+    assert thresholds["score"]["kind"] == metrics["kind"]
+    predictor = Predictor.from_dir(paths.model_dir(params, "washer"), "cpu")
+    assert predictor.engine.model.answer == metrics["kind"]  # the shipped model answers as the chosen kind
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"model": {"kind": "patchcore"}}, "model.kind"),
+        ({"model": {"memory_bank": {"neighbourhood": 2}}}, "neighbourhood must be odd"),
+        ({"model": {"memory_bank": {"levels": [2, 1]}}}, "levels must be increasing"),
+        ({"data": {"val_defect_fraction": 1.0}}, "data.val_defect_fraction"),
+    ],
+)
+def test_a_bad_kind_setting_names_its_key(section, message, project):
+    from adps.config import ParamsError
+
+    write_params(project, **section)
+    with pytest.raises(ParamsError, match=message):
+        load_params(project / "params.yaml")
+
+
+def test_tuning_a_memory_bank_says_there_is_nothing_to_tune(project):
+    from adps import tuning
+    from adps.errors import AdpsError
+
+    with pytest.raises(AdpsError, match="model.kind is memory_bank: nothing is trained.*set model.kind to auto"):
+        tuning.tune(tiny_params(model={"kind": "memory_bank"}).at(project), "washer")
+    assert not (project / "optuna.db").exists()  # refused before a study was made
