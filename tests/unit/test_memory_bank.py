@@ -58,7 +58,8 @@ def test_a_saved_bank_loads_into_a_freshly_built_model():
     model = combined_model()
     fresh = AdpsModel("resnet18", 2, (0,), (8, 8), SCORE, kind=COMBINED)
     fresh.load_state_dict(model.state_dict())
-    assert fresh.memory.search.bank.shape == model.memory.search.bank.shape == (64, 128 + 256)  # half of 2 x 8 x 8 positions; layer2 + layer3
+    # half of 2 images x 8 x 8 positions; layer2 + layer3 channels
+    assert fresh.memory.search.bank.shape == model.memory.search.bank.shape == (64, 128 + 256)
     torch.testing.assert_close(fresh.memory.scale, model.memory.scale)
 
 
@@ -107,7 +108,8 @@ def test_the_kind_is_chosen_on_the_real_defects_only():
     }
     kind, why = choose_kind("auto", val)
     assert kind == MEMORY_BANK
-    assert why == "auto: best validation image AUROC on 2 real defects (adps 0.250, memory_bank 1.000, adps+memory_bank 0.750)"
+    aurocs = "adps 0.250, memory_bank 1.000, adps+memory_bank 0.750"
+    assert why == f"auto: best validation image AUROC on 2 real defects ({aurocs})"
     assert choose_kind(ADPS, val) == (ADPS, "model.kind")
     without_real = {k: predictions(p.scores[:4], LABELS[:4], SYNTHETIC[:4]) for k, p in val.items()}
     assert choose_kind("auto", without_real)[0] == COMBINED
