@@ -207,10 +207,10 @@ def report(params: ParamsOption = None) -> None:
     for column in columns:
         table.add_column(column, justify="right")
     for category, values in rows.items():
-        table.add_row(category, *[f"{values[c]:.3f}" if values[c] is not None else "-" for c in columns])
+        table.add_row(category, *[table_cell(values[c]) for c in columns])
     if len(rows) > 1:
-        means = [mean_of([r[c] for r in rows.values()]) for c in columns]
-        table.add_row("mean", *[f"{m:.3f}" if m is not None else "-" for m in means], style="bold")
+        means = [mean_of([r[c] for r in rows.values()]) if c != "kind" else "" for c in columns]
+        table.add_row("mean", *[table_cell(m) for m in means], style="bold")
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     for category, note in notes.items():
         typer.echo(f"{category}: {note}")
@@ -219,6 +219,10 @@ def report(params: ParamsOption = None) -> None:
         "MLflow UI: make up (or: mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000), "
         "then open http://127.0.0.1:5000"
     )
+
+
+def table_cell(value: float | str | None) -> str:
+    return "-" if value is None else value if isinstance(value, str) else f"{value:.3f}"
 
 
 def mean_of(values: list[float | None]) -> float | None:

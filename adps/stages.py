@@ -551,8 +551,8 @@ def promote(params: Params, category: str, version: str) -> dict[str, Any]:
 
 
 def summarize(params: Params) -> tuple[dict[str, Any], dict[str, str]]:
-    """Per-category headline metrics from reports/metrics (categories not evaluated yet are skipped),
-    and a note for each category whose pixel metrics leave out defect images without a mask."""
+    """Per-category model kind and headline metrics from reports/metrics (categories not evaluated yet are
+    skipped), and a note for each category whose pixel metrics leave out defect images without a mask."""
     rows, notes = {}, {}
     for category in params.data.categories:
         path = paths.metrics_file(params, category)
@@ -561,7 +561,7 @@ def summarize(params: Params) -> tuple[dict[str, Any], dict[str, str]]:
                 metrics = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise AdpsError(f"{path} is not valid JSON ({err}): rerun `adps evaluate -c {category}`.") from err
-            rows[category] = {k: metrics.get(k) for k in METRIC_NAMES}
+            rows[category] = {"kind": metrics.get("kind", "adps"), **{k: metrics.get(k) for k in METRIC_NAMES}}
             if metrics.get("n_test_anomalous_masked", 0) != metrics.get("n_test_anomalous", 0):
                 notes[category] = reports.pixel_coverage(metrics)
     return rows, notes

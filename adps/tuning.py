@@ -416,14 +416,14 @@ def tune(params: Params, category: str, n_trials: int | None = None, workers: in
     if n_trials < 1 or workers < 1:
         raise AdpsError(f"trials and workers must be at least 1 (got trials={n_trials}, workers={workers})")
     category_splits(params, category)  # unknown category: fail before starting anything
-    if not params.tune.space:
-        raise AdpsError("tune.space is empty: name the parameters to tune in params.yaml (see its tune.space)")
     if params.model.kind == "memory_bank":
         raise AdpsError(
             "model.kind is memory_bank: nothing is trained, so there is nothing for `adps tune` to tune (it tunes "
             "the ADPS parts' losses, learning rates, score and thresholds); set model.kind to auto, adps or "
             "adps+memory_bank"
         )
+    if not params.tune.space:
+        raise AdpsError("tune.space is empty: name the parameters to tune in params.yaml (see its tune.space)")
     tracking.connect(params)
     remove_dead_trial_folders()
     parent_id = start_study(params, category)

@@ -127,7 +127,7 @@ def category_row(
             markdown=failures_markdown(category, failures),
             description=f"Files that held back {category}",
         )
-    row.update({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if v is not None})
     if note:
         row["pixel metrics"] = note
     record = paths.registry_record(params, category)
