@@ -177,12 +177,11 @@ class AdpsModel(nn.Module):
         kind = kind or self.kind
         if kind not in held_kinds(self.kind):
             raise ValueError(f"a model built as {self.kind} cannot answer as {kind}")
-        if kind == COMBINED and not normal_stats:
-            normal_stats = {ADPS: [0.0, 1.0], MEMORY_BANK: [0.0, 1.0]}  # until evaluate measures them
         device = self.teacher_device()
         self.scorer = ImageScorer(method, sigma, topk).to(device)
         self.answer = kind
-        center, scale = zip(*[(normal_stats or {}).get(k, [0.0, 1.0]) for k in (ADPS, MEMORY_BANK)], strict=True)
+        stats = normal_stats or {}  # none yet (before evaluate measures them): the raw scores are added
+        center, scale = zip(*[stats.get(k, [0.0, 1.0]) for k in (ADPS, MEMORY_BANK)], strict=True)
         self.register_buffer("score_center", torch.tensor(center).to(device), persistent=False)
         self.register_buffer("score_scale", torch.tensor(scale).to(device), persistent=False)
         return self

@@ -37,7 +37,7 @@ def log_run_contents(run_id: str, params: Params, category: str, metrics: dict[s
     client.log_batch(run_id, params=[Param(k, v) for k, v in logged_params(params).items()])
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     numbers |= {  # each kind the model holds, on the same test split: the UI compares kinds like runs
-        f"kind.{kind}.{k}": float(v)
+        f"kind.{kind.replace('+', '_and_')}.{k}": float(v)
         for kind, row in metrics.get("kinds", {}).items()
         for k, v in row.items()
         if v is not None

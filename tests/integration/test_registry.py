@@ -41,6 +41,10 @@ def test_register_logs_run_and_registers_challenger_and_first_champion(store, tm
     assert set(record["aliases"]) == {"challenger", "champion"}
     run = store.get_run(record["run_id"])
     assert run.data.params["model.patches"] == "4" and "pixel_ap" in run.data.metrics
+    assert (
+        run.data.metrics["kind.adps_and_memory_bank.image_auroc"]
+        == json.loads(evaluation_files()[1].read_text())["kinds"]["adps+memory_bank"]["image_auroc"]
+    )  # every kind the model holds, on the same test split
     assert run.data.tags["teacher_weights"].startswith("none") and run.data.tags["git_commit"]
     history = store.get_metric_history(record["run_id"], "distill_loss_distill")
     assert [m.step for m in history] == [1, 2]
