@@ -116,3 +116,18 @@ def test_tuning_a_memory_bank_says_there_is_nothing_to_tune(project):
     with pytest.raises(AdpsError, match="model.kind is memory_bank: nothing is trained.*set model.kind to auto"):
         tuning.tune(tiny_params(model={"kind": "memory_bank"}).at(project), "washer")
     assert not (project / "optuna.db").exists()  # refused before a study was made
+
+
+def test_the_bank_ablation_builds_each_variant_as_distill_does(project):
+    from adps.config import override_params
+    from benchmarks.bank_ablation import VARIANTS, bank_metrics
+
+    params = tiny_params().at(project)
+    entries = []
+    for bank in VARIANTS.values():
+        overrides = {"model.kind": "memory_bank", **{f"model.memory_bank.{k}": v for k, v in bank.items()}}
+        metrics = bank_metrics(override_params(params, overrides), "washer")
+        assert 0 <= metrics["image_auroc"] <= 1
+        entries.append(metrics["entries"])
+    # 10 normals, 2 held out: 8 images x 8 x 8 positions (stride 8 at 64 px) = 512; a 10 % coreset keeps 51
+    assert entries == [512, 512, 51]
