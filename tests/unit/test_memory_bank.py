@@ -9,7 +9,7 @@ import torch
 from adps.config import ThresholdParams
 from adps.data.datasets import split_held_out
 from adps.data.layout import Sample
-from adps.evaluation.kinds import choose_kind, normal_stats
+from adps.evaluation.kinds import auroc_standard_error, choose_kind, normal_stats
 from adps.evaluation.predictions import Predictions
 from adps.evaluation.reports import calibrate
 from adps.model.memory_bank import MemoryBank, NearestNeighbourMap, build_bank, greedy_coreset
@@ -107,12 +107,31 @@ def test_the_kind_is_chosen_on_the_real_defects_only():
         COMBINED: predictions([0.1, 0.2, 0.5, 0.5, 0.3, 0.15], LABELS, SYNTHETIC),  # real 0.15 < 0.2: AUROC 0.75
     }
     kind, why = choose_kind("auto", val)
-    assert kind == MEMORY_BANK
+    assert kind == MEMORY_BANK  # AUROC 1 has standard error 0: only the best is within it
     aurocs = "adps 0.250, memory_bank 1.000, adps+memory_bank 0.750"
-    assert why == f"auto: best validation image AUROC on 2 real defects ({aurocs})"
+    assert why == (
+        "auto: the simplest kind within one standard error (0.000) of the best validation image AUROC "
+        f"on 2 real defects and 2 normal images ({aurocs})"
+    )
     assert choose_kind(ADPS, val) == (ADPS, "model.kind")
     without_real = {k: predictions(p.scores[:4], LABELS[:4], SYNTHETIC[:4]) for k, p in val.items()}
     assert choose_kind("auto", without_real) == (ADPS, "auto: the default (the validation split has no real defects)")
+
+
+def test_a_more_complex_kind_must_beat_a_simpler_one_by_a_standard_error():
+    # real defects vs normals [0.1, 0.2]: combination [0.15, 0.25] -> 3 of 4 pairs (0.75), bank [0.15, 0.15] -> 0.5
+    val = {
+        ADPS: predictions([0.1, 0.2, 0.9, 0.9, 0.15, 0.05], LABELS, SYNTHETIC),  # 0.25
+        MEMORY_BANK: predictions([0.1, 0.2, 0.1, 0.1, 0.15, 0.15], LABELS, SYNTHETIC),  # 0.5
+        COMBINED: predictions([0.1, 0.2, 0.5, 0.5, 0.15, 0.25], LABELS, SYNTHETIC),  # 0.75
+    }
+    # Hanley & McNeil at A = 0.75, 2 + 2 images: Q1 = 0.75 / 1.25 = 0.6, Q2 = 2 x 0.5625 / 1.75 = 0.642857;
+    # SE^2 = (0.75 x 0.25 + (0.6 - 0.5625) + (0.642857 - 0.5625)) / 4 = 0.076339, SE = 0.2763
+    assert auroc_standard_error(0.75, 2, 2) == pytest.approx(0.2763, abs=1e-4)
+    kind, why = choose_kind("auto", val)
+    assert kind == MEMORY_BANK and "within one standard error (0.276)" in why  # 0.5 >= 0.75 - 0.276
+    val[MEMORY_BANK] = predictions([0.1, 0.2, 0.1, 0.1, 0.15, 0.05], LABELS, SYNTHETIC)  # 0.25: out of reach
+    assert choose_kind("auto", val)[0] == COMBINED  # and ADPS (0.25) is out of reach too
 
 
 def test_normal_statistics_come_from_real_normal_images():
