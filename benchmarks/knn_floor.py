@@ -7,7 +7,7 @@ normal training image; levels 2 and 3 (stride 8 and 16, the latter upsampled to 
 concatenated into one feature per position. A test pixel's anomaly value is the L2 distance of its
 position's feature to the nearest feature in that bank, upsampled to the image size; the image score
 and every metric come from the pipeline's own scorer and evaluation code, and its thresholds are chosen
-on the validation split as the pipeline's are. ADPS must beat this.
+on the validation split as the pipeline's are. The pipeline's default model must beat this.
 """
 
 from __future__ import annotations
