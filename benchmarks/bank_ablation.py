@@ -30,9 +30,10 @@ from adps.runtime import setup_torch
 from adps.training.checkpoints import build_model, input_normalizer, model_spec
 from benchmarks.knn_floor import cell, mean_of
 
+EVERY_POSITION = {"coreset_ratio": 1.0, "max_entries": 10**9}
 VARIANTS = {
-    "plain": {"neighbourhood": 1, "coreset_ratio": 1.0},
-    "+ neighbourhood 3": {"neighbourhood": 3, "coreset_ratio": 1.0},
+    "plain": {"neighbourhood": 1, **EVERY_POSITION},
+    "+ neighbourhood 3": {"neighbourhood": 3, **EVERY_POSITION},
     "+ coreset 10 % (default)": {"neighbourhood": 3, "coreset_ratio": 0.1},
 }
 KEYS = ("image_auroc", "image_ap", "pixel_ap")

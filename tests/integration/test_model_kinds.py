@@ -1,13 +1,13 @@
-"""The model kinds beside ADPS, for real: the memory bank through the Prefect flow, DVC, ONNX and the served
-model; ``model.kind: auto`` choosing the kind and the image threshold on real validation defects.
-
-The combination (the default without real validation defects) is what every other test trains.
+"""The model kinds beside ADPS, for real: the memory bank and the combination through the Prefect flow,
+DVC, ONNX and the model served over REST; ``model.kind: auto`` choosing the kind and the image threshold
+on real validation defects. (Every other test trains with ``auto`` and no real defects: ADPS ships.)
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import urllib.request
 
 import numpy as np
 import pytest
@@ -22,15 +22,17 @@ from adps.export import onnx_predictor
 from adps.inference import Predictor
 from flows.pipeline import adps_pipeline
 from tests.conftest import make_dvc_project, project_env, run, tiny_params, write_params
+from tests.servers import free_port, start, stop, wait_until_up
 
 MAP_TOLERANCE = 1e-4
 
 
-def test_the_memory_bank_kind_runs_through_the_flow_and_dvc_and_serves_like_adps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["memory_bank", "adps+memory_bank"])
+def test_each_kind_runs_through_the_flow_and_dvc_and_serves_like_adps(kind, tmp_path, monkeypatch):
     root = tmp_path / "project"
     root.mkdir()
     env = project_env(root)
-    make_dvc_project(root, env, model={"kind": "memory_bank"})
+    make_dvc_project(root, env, model={"kind": kind})
     monkeypatch.chdir(root)
     monkeypatch.setenv("PATH", env["PATH"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -41,11 +43,17 @@ def test_the_memory_bank_kind_runs_through_the_flow_and_dvc_and_serves_like_adps
 
     params = load_params(root / "params.yaml")
     metrics = json.loads(paths.metrics_file(params, "washer").read_text())
-    assert (metrics["kind"], metrics["kind_choice"]) == ("memory_bank", "model.kind")
-    assert list(metrics["kinds"]) == ["memory_bank"]
-    assert json.loads(paths.train_history(params, "washer", "distill").read_text()) == []  # nothing trained
+    assert (metrics["kind"], metrics["kind_choice"]) == (kind, "model.kind")
     checkpoint = torch.load(paths.psm_checkpoint(params, "washer"), weights_only=True)
-    assert not any(k.startswith(("student.", "psm.")) for k in checkpoint["state"])  # the bank and the teacher only
+    parts = {key.split(".")[0] for key in checkpoint["state"]}
+    thresholds = json.loads(paths.thresholds_file(params, "washer").read_text())
+    if kind == "memory_bank":
+        assert list(metrics["kinds"]) == ["memory_bank"] and parts == {"teacher", "memory"}  # nothing trained
+        assert json.loads(paths.train_history(params, "washer", "distill").read_text()) == []
+    else:
+        assert set(metrics["kinds"]) == {"adps", "memory_bank", "adps+memory_bank"}
+        assert parts == {"teacher", "student", "psm", "memory"}
+        assert set(thresholds["score"]["normal_stats"]) == {"adps", "memory_bank"}  # baked into model.onnx too
 
     images = sorted(paths.category_dir(params, "washer").glob("test/*/*.png"))
     local = Predictor.from_dir(paths.model_dir(params, "washer"), "cpu").predict_paths(images)
@@ -55,16 +63,26 @@ def test_the_memory_bank_kind_runs_through_the_flow_and_dvc_and_serves_like_adps
     np.testing.assert_allclose([b.score for b in exported], [a.score for a in local], atol=MAP_TOLERANCE)
     assert [b.is_anomalous for b in exported] == [a.is_anomalous for a in local]
 
-    import mlflow.pyfunc
-    import pandas as pd
-
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    served = mlflow.pyfunc.load_model("models:/adps-washer@challenger")  # what `mlflow models serve` runs
-    frame = served.predict(pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
-    np.testing.assert_allclose(frame["score"], [a.score for a in local], rtol=1e-5)
+    port, log = free_port(), tmp_path / "serve.log"
+    serve = ["mlflow", "models", "serve", "-m", "models:/adps-washer@challenger", "--env-manager", "local"]
+    server = start([*serve, "--host", "127.0.0.1", "-p", str(port)], root, {**env, "MLFLOW_TRACKING_URI": uri}, log)
+    try:  # the served model, over REST as a line camera calls it
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, log, timeout=180)
+        encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            json.dumps({"instances": encoded}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            served = json.load(response)["predictions"]
+    finally:
+        stop(server)
+    np.testing.assert_allclose([row["score"] for row in served], [a.score for a in local], rtol=1e-5)
+    assert [row["is_anomalous"] for row in served] == [a.is_anomalous for a in local]
     page = MlflowClient(uri, registry_uri=uri).get_model_version("adps-washer", "1").description
-    assert "**Model kind**: memory_bank (model.kind)." in page
+    assert f"**Model kind**: {kind} (model.kind)." in page
 
 
 def test_auto_chooses_the_kind_and_the_image_threshold_on_real_validation_defects(project):
