@@ -1,8 +1,9 @@
 """ONNX export of a deployable model, and an ONNX Runtime predictor with the PyTorch one's interface.
 
-The graph holds the whole inference path: teacher, patch student with stitching, WMB, PSM, Gaussian
-smoothing and the image score. Input ``image``: (batch, 3, S, S) float32, already normalised (see the
-metadata). Outputs ``anomaly_map``: (batch, 1, S, S) float32 in [0, 1], ``image_score``: (batch,).
+The graph holds the shipped kind's whole inference path: teacher, patch student with stitching, WMB,
+PSM and/or the memory bank's nearest-neighbour search, Gaussian smoothing and the image score.
+Input ``image``: (batch, 3, S, S) float32, already normalised (see the metadata). Outputs
+``anomaly_map``: (batch, 1, S, S) float32 in [0, 1], ``image_score``: (batch,).
 Metadata (``onnx`` ``metadata_props``) holds what a runtime without this project needs: input size,
 normalisation, thresholds, score settings, category and the sha256 of the source checkpoint.
 """

@@ -122,7 +122,13 @@ class Predictor:
         thresholds = read_thresholds(folder / THRESHOLDS_FILE)
         model, payload = load_model(folder / PSM_FILE)
         check_model_pair(folder, payload, thresholds)
-        return cls(TorchEngine(model, payload["spec"], thresholds["score"], device), thresholds)
+        try:
+            engine = TorchEngine(model, payload["spec"], thresholds["score"], device)
+        except (TypeError, ValueError) as err:  # a score (kind, method...) this model cannot answer with
+            raise AdpsError(
+                f"{folder / THRESHOLDS_FILE} has a score this psm.pt cannot use ({err}): run `adps evaluate` again."
+            ) from err
+        return cls(engine, thresholds)
 
     def to(self, device: str) -> Predictor:
         """Move the model to ``device`` (auto, cpu or cuda)."""

@@ -448,14 +448,25 @@ def train_psm(
 
 def check_trained_with(params: Params, checkpoint: dict[str, Any], path: Path, category: str) -> None:
     """Refuse a checkpoint whose model or preprocessing differ from what the params say."""
-    wanted, found = model_spec(params), checkpoint["spec"]
-    differ = sorted(k for k in wanted if wanted[k] != found.get(k))
+    differ = differing_values(model_spec(params), checkpoint["spec"])
     if differ:
-        details = "; ".join(f"{k}: checkpoint {found.get(k)!r}, params {wanted[k]!r}" for k in differ)
+        details = "; ".join(f"{k}: checkpoint {found!r}, params {wanted!r}" for k, wanted, found in differ)
         raise CheckpointError(
             f"{path} does not match the params ({details}): retrain with "
             f"`adps distill -c {category}` and `adps psm -c {category}` (or `dvc repro`)."
         )
+
+
+def differing_values(wanted: dict[str, Any], found: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, wanted, found) for each value of ``wanted`` that ``found`` lacks or holds otherwise."""
+    differ = []
+    for key, value in wanted.items():
+        other = found.get(key) if isinstance(found, dict) else None
+        if isinstance(value, dict) and isinstance(other, dict):
+            differ += differing_values(value, other, f"{prefix}{key}.")
+        elif value != other:
+            differ.append((f"{prefix}{key}", value, other))
+    return differ
 
 
 @writes_category

@@ -203,14 +203,15 @@ def decision_f1(pred: Predictions, params: Params) -> float:
 
 
 def validation_value(model, params: Params, category: str) -> float:
-    """The tuning objective of a model, on the validation split."""
+    """The tuning objective of a model, on the validation split's held-out normals and synthetic anomalies
+    (real validation defects, if any, are left to `adps evaluate`: they choose the kind and the threshold)."""
     import torch
 
     device = next(model.parameters()).device
     model.eval().set_scoring(**params.score.model_dump(), kind=ADPS)  # the trials tune the ADPS parts
     _, val, _ = category_splits(params, category)
     with torch.no_grad():
-        pred = validation_predictions(model, val, params, device)
+        pred = validation_predictions(model, val, params, device).synthetic_split()
     if not np.isfinite(pred.maps).all():  # diverged training: NaN lets the pruner stop the trial
         return float("nan")
     if params.tune.objective == "decision_f1":

@@ -43,7 +43,14 @@ class Predictions:
 
     def real(self) -> Predictions:
         """Only the real images (normals and real defects; the synthetic anomalies left out)."""
-        keep = ~self.synthetic
+        return self.subset(~self.synthetic)
+
+    def synthetic_split(self) -> Predictions:
+        """The held-out normals and their synthetic anomalies (the real defects left out)."""
+        return self.subset(self.synthetic | (self.labels == 0))
+
+    def subset(self, keep: np.ndarray) -> Predictions:
+        """The images where ``keep`` (N,) is True."""
         return Predictions(
             self.maps[keep],
             self.scores[keep],

@@ -33,13 +33,15 @@ def calibrate(val: Predictions, cfg: ThresholdParams, score: dict[str, Any]) -> 
         "percentile": cfg.percentile,
         "source": "validation split",
         "n_validation_images": len(val.labels),
-        "image_threshold_on": image_threshold_basis(image, on_real),
+        "image_threshold_on": image_threshold_basis(image, on_real, cfg.strategy),
     }
 
 
-def image_threshold_basis(val: Predictions, on_real: bool) -> str:
+def image_threshold_basis(val: Predictions, on_real: bool, strategy: str = "f1") -> str:
     """What the image threshold was chosen on, in words (the version page shows it)."""
     normals = int((val.labels == 0).sum())
+    if strategy == "percentile":
+        return f"a percentile of the scores of {normals} held-out normal images"
     if on_real:
         return f"real defects: {val.n_real_defects} labelled defect images and {normals} normal images"
     return f"synthetic anomalies on {normals} held-out normal images"

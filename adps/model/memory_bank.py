@@ -38,7 +38,7 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int, seed:
     generator = torch.Generator().manual_seed(seed)
     if projection_dim < features.shape[1]:
         projection = torch.randn(features.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        features = features @ projection
+        features = features @ projection.to(features.device)  # seeded on the CPU: the same coreset on any device
     chosen = torch.empty(size, dtype=torch.long)
     chosen[0] = torch.randint(len(features), (1,), generator=generator)
     distance = torch.linalg.vector_norm(features - features[chosen[0]], dim=1)

@@ -32,6 +32,13 @@ def test_the_greedy_coreset_keeps_the_far_point_whatever_the_start():
         assert 2 in kept and len(kept & {0, 1}) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_coreset_is_the_same_on_a_gpu():
+    features = torch.randn(500, 200, generator=torch.Generator().manual_seed(0))
+    on_cpu = greedy_coreset(features, 50, projection_dim=16, seed=3)
+    torch.testing.assert_close(greedy_coreset(features.cuda(), 50, projection_dim=16, seed=3).cpu(), on_cpu)
+
+
 def test_the_bank_map_is_distance_over_distance_plus_scale():
     bank = MemoryBank(channels=2, levels=(0,), neighbourhood=1)
     bank.search.fill(torch.tensor([[0.0, 0.0]]))
@@ -132,6 +139,12 @@ def test_a_more_complex_kind_must_beat_a_simpler_one_by_a_standard_error():
     assert kind == MEMORY_BANK and "within one standard error (0.276)" in why  # 0.5 >= 0.75 - 0.276
     val[MEMORY_BANK] = predictions([0.1, 0.2, 0.1, 0.1, 0.15, 0.05], LABELS, SYNTHETIC)  # 0.25: out of reach
     assert choose_kind("auto", val)[0] == COMBINED  # and ADPS (0.25) is out of reach too
+
+
+def test_tuning_sees_the_normals_and_synthetic_anomalies_only():
+    pred = predictions([0.1, 0.2, 0.9, 0.95, 0.3, 0.5], LABELS, SYNTHETIC)
+    assert pred.synthetic_split().scores.tolist() == [0.1, 0.2, 0.9, 0.95]  # normal, normal, then their copies
+    assert pred.real().scores.tolist() == [0.1, 0.2, 0.3, 0.5]
 
 
 def test_normal_statistics_come_from_real_normal_images():
