@@ -23,7 +23,7 @@ from adps.export import onnx_predictor
 from adps.inference import Predictor
 from adps.training.checkpoints import CheckpointError
 from flows.pipeline import adps_pipeline
-from tests.conftest import make_dvc_project, project_env, run, tiny_params, write_params
+from tests.conftest import make_dvc_project, output_digests, project_env, run, tiny_params, write_params
 from tests.servers import free_port, start, stop, wait_until_up
 
 MAP_TOLERANCE = 1e-3  # the bank's distances cancel large terms (|q|² - 2 q·b + |b|²); ADPS agrees to 1e-4
@@ -42,6 +42,9 @@ def test_each_kind_runs_through_the_flow_and_dvc_and_serves_like_adps(kind, tmp_
         rows = adps_pipeline(params_path="params.yaml")
     assert rows[0]["status"] == "retrained" and rows[0]["ran"] == "validate, distill, psm, evaluate, export, register"
     assert "up to date" in run(["dvc", "status"], root, env)  # what the flow wrote is what DVC versions
+    flow_outputs = output_digests(root)
+    run(["dvc", "repro", "--force"], root, env)  # the other front-end, every stage again: the same bytes
+    assert output_digests(root) == flow_outputs
 
     params = load_params(root / "params.yaml")
     metrics = json.loads(paths.metrics_file(params, "washer").read_text())
