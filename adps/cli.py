@@ -262,7 +262,8 @@ def predict(
     input: Annotated[Path, typer.Option("--input", "-i", help="An image file or a folder of images (recursive).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for predictions.csv and heatmaps/.")],
     save_maps: Annotated[
-        Path | None, typer.Option("--save-maps", help="Folder for each raw anomaly map as float32 .npy.")
+        Path | None,
+        typer.Option("--save-maps", help="Folder for each raw anomaly map as float32 .npy, at the image's own size."),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 16,
     device: Annotated[Device, typer.Option(help="auto: CUDA when present.")] = Device.auto,

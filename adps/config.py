@@ -63,6 +63,8 @@ class DataParams(Section):
     import_path: Path = Path("data/incoming")  # where new images arrive; a dependency of `prepare`
     folder: FolderImportParams = FolderImportParams()
     image_size: int = Field(128, ge=32, le=1024, multiple_of=32)
+    resolution: Literal["auto", "native", "resize"] = "auto"
+    scale: float = Field(1.0, gt=0.0, le=1.0)  # native: images scaled by this first (very large frames)
     normalize_mean: tuple[float, float, float] | None = None  # None: the backbone weights' own
     normalize_std: tuple[float, float, float] | None = None
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)

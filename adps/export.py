@@ -2,10 +2,11 @@
 
 The graph holds the shipped kind's whole inference path: teacher, patch student with stitching, WMB,
 PSM and/or the memory bank's nearest-neighbour search, Gaussian smoothing and the image score.
-Input ``image``: (batch, 3, S, S) float32, already normalised (see the metadata). Outputs
-``anomaly_map``: (batch, 1, S, S) float32 in [0, 1], ``image_score``: (batch,).
-Metadata (``onnx`` ``metadata_props``) holds what a runtime without this project needs: input size,
-normalisation, thresholds, score settings, category and the sha256 of the source checkpoint.
+Input ``image``: (batch, 3, H, W) float32 of any height and width, already normalised and sized (see the
+metadata: resized to S x S, or at native resolution). Outputs ``anomaly_map``: (batch, 1, H, W) float32
+in [0, 1], ``image_score``: (batch,). Metadata (``onnx`` ``metadata_props``) holds what a runtime without
+this project needs: input size and resolution rule, normalisation, thresholds, score settings, category
+and the sha256 of the source checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adps.data.images import InputGeometry
 from adps.errors import AdpsError
 from adps.files import file_sha256, write_atomically
 from adps.inference import Predictor, TorchEngine, read_thresholds
@@ -45,27 +47,34 @@ class MapsAndScores(torch.nn.Module):
 def onnx_metadata(engine: TorchEngine, thresholds: dict[str, Any], folder: Path) -> dict[str, str]:
     return {
         "format": "adps-onnx-1",
-        "image_size": str(engine.size),
+        "image_size": str(engine.geometry.size),
+        "resolution": engine.geometry.resolution,
+        "scale": str(engine.geometry.scale),
         "normalize_mean": json.dumps(engine.normalize.mean.flatten().tolist()),
         "normalize_std": json.dumps(engine.normalize.std.flatten().tolist()),
-        "preprocessing": "RGB, bilinear resize to image_size, x/255, (x - mean) / std, NCHW float32",
+        "preprocessing": (
+            "RGB; resolution resize: bilinear resize to image_size x image_size; native: the image's own size "
+            "times scale (bilinear); auto: native when a side exceeds image_size, else resize; x/255, "
+            "(x - mean) / std, NCHW float32"
+        ),
         "image_threshold": str(thresholds["image"]),
         "pixel_threshold": str(thresholds["pixel"]),
         "score": json.dumps(thresholds["score"]),
         "category": str(thresholds.get("category", "")),
         "checkpoint_sha256": file_sha256(folder / PSM_FILE),
-        "outputs": "anomaly_map (batch,1,S,S) in [0,1]; image_score (batch,): anomalous when >= image_threshold",
+        "outputs": "anomaly_map (batch,1,H,W) in [0,1]; image_score (batch,): anomalous when >= image_threshold",
     }
 
 
 def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
-    """Export the model folder (psm.pt + thresholds.json) to ``target`` with a dynamic batch."""
+    """Export the model folder (psm.pt + thresholds.json) to ``target`` with dynamic batch, height and width."""
     import onnx
 
     predictor = Predictor.from_dir(folder, "cpu")
     engine = predictor.engine
     wrapped = MapsAndScores(engine.model).eval()
-    example = torch.zeros(2, 3, engine.size, engine.size)
+    size = engine.geometry.size
+    example = torch.zeros(2, 3, size + 8, size + 24)  # not whole patches: the padding is traced
     buffer = io.BytesIO()
     # The TorchScript exporter: 0.7 s here against 14 s for dynamo=True, with the same maps (measured
     # on Lite0 at 128 px: max difference 6e-8 to PyTorch either way).
@@ -79,7 +88,11 @@ def export_onnx(folder: Path, target: Path) -> dict[str, Any]:
             opset_version=OPSET,
             input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+            dynamic_axes={
+                INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                OUTPUT_NAMES[0]: {0: "batch", 2: "height", 3: "width"},
+                OUTPUT_NAMES[1]: {0: "batch"},
+            },
         )
     proto = onnx.load_from_string(buffer.getvalue())
     for key, value in onnx_metadata(engine, predictor.thresholds, folder).items():
@@ -101,7 +114,11 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             self.metadata = self.session.get_modelmeta().custom_metadata_map
-            self.size = int(self.metadata["image_size"])
+            self.geometry = InputGeometry(
+                int(self.metadata["image_size"]),
+                self.metadata.get("resolution", "resize"),
+                float(self.metadata.get("scale", 1.0)),
+            )
             mean, std = json.loads(self.metadata["normalize_mean"]), json.loads(self.metadata["normalize_std"])
         except Exception as err:  # onnxruntime raises its own types; any of them means the same here
             raise AdpsError(

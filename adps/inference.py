@@ -23,7 +23,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from adps.data.datasets import Normalizer
-from adps.data.images import read_rgb
+from adps.data.images import InputGeometry, read_rgb
 from adps.errors import AdpsError, ImageReadError
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
 from adps.files import (
@@ -34,9 +34,10 @@ from adps.files import (
     swap_in_dir,
     write_text_atomically,
 )
+from adps.model.network import at_size
 from adps.paths import PSM_FILE, THRESHOLDS_FILE
 from adps.runtime import resolve_device
-from adps.training.checkpoints import load_model
+from adps.training.checkpoints import input_geometry, load_model
 
 logger = logging.getLogger(__name__)
 CSV_COLUMNS = ("path", "score", "is_anomalous", "threshold", "heatmap", "error")
@@ -55,7 +56,11 @@ class ImageSource:
 
 @dataclass
 class ImagePrediction:
-    """One image's result; ``error`` is set (and the rest empty) when the image could not be read."""
+    """One image's result; ``error`` is set (and the rest empty) when the image could not be read.
+
+    ``image``: the model input (H, W, 3); ``anomaly_map``: (height, width) at the image's own size
+    ``original_size`` = (width, height), whatever size the model saw.
+    """
 
     path: str
     score: float | None = None
@@ -73,7 +78,7 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module, spec: dict[str, Any], score: dict[str, Any], device: str = "cpu"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval().set_scoring(**score)
-        self.size = spec["image_size"]
+        self.geometry = input_geometry(spec)
         self.normalize = Normalizer(spec["normalize_mean"], spec["normalize_std"])
 
     def to(self, device: str) -> None:
@@ -82,15 +87,17 @@ class TorchEngine:
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Images of one size (H, W, 3) in [0, 1] -> maps (N, H, W) and scores (N,)."""
         batch = torch.stack([self.normalize(img) for img in images]).to(self.device)
         out = self.model(batch)
         return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy()
 
 
 class Engine(Protocol):
-    """What a :class:`Predictor` runs: the model's input ``size`` and its forward pass on a batch."""
+    """What a :class:`Predictor` runs: how images become its input (``geometry``) and its forward pass on a
+    batch of images of one size."""
 
-    size: int
+    geometry: InputGeometry
 
     def to(self, device: str) -> None: ...
 
@@ -102,7 +109,7 @@ class Predictor:
 
     def __init__(self, engine: Engine, thresholds: dict[str, Any]):
         self.engine = engine
-        self.size = engine.size
+        self.geometry = engine.geometry
         self.thresholds = thresholds
 
     @classmethod
@@ -135,16 +142,26 @@ class Predictor:
         self.engine.to(device)
         return self
 
-    def predict_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W, 3) float images in [0, 1] at the model size -> maps (N, H, W) and scores (N,)."""
-        return self.engine(images)
+    def predict_arrays(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(H_i, W_i, 3) float images in [0, 1] at the model input size -> maps [(H_i, W_i)] and scores (N,).
+
+        Images of one size go through the engine together, in batches of their own.
+        """
+        maps: list[np.ndarray] = [np.empty(0)] * len(images)
+        scores = np.zeros(len(images), np.float32)
+        for shape in dict.fromkeys(image.shape for image in images):
+            group = [i for i, image in enumerate(images) if image.shape == shape]
+            group_maps, group_scores = self.engine([images[i] for i in group])
+            for i, anomaly_map, score in zip(group, group_maps, group_scores, strict=True):
+                maps[i], scores[i] = anomaly_map, score
+        return maps, scores
 
     def read(self, source: ImageSource) -> ImagePrediction:
         if source.error:
             return ImagePrediction(source.name, error=source.error)
         try:
             raw = io.BytesIO(source.data) if source.data is not None else source.path
-            image, original = read_rgb(raw, self.size, source.name)
+            image, original = read_rgb(raw, self.geometry, source.name)
             return ImagePrediction(source.name, image=image, original_size=original)
         except ImageReadError as err:
             logger.warning("skipping unreadable image: %s", err)
@@ -167,7 +184,8 @@ class Predictor:
             threshold = float(self.thresholds["image"])
             maps, scores = self.predict_arrays([r.image for r in readable])
             for r, anomaly_map, score in zip(readable, maps, scores, strict=True):
-                r.anomaly_map, r.score, r.threshold = anomaly_map, float(score), threshold
+                r.anomaly_map = at_size(torch.from_numpy(anomaly_map), r.original_size[::-1]).numpy()
+                r.score, r.threshold = float(score), threshold
                 r.is_anomalous = bool(score >= threshold)
         return results
 
@@ -344,7 +362,7 @@ def predict_to_folder(
 
     Images are decoded, scored and drawn one batch at a time. The output folder is built beside the
     target and swapped in when complete: it never mixes files of two runs. ``save_maps`` gets each raw
-    anomaly map as float32 ``<relative path>.npy`` (model resolution), for re-scoring elsewhere; it may
+    anomaly map as float32 ``<relative path>.npy`` (the image's own resolution), for re-scoring elsewhere; it may
     lie inside the output. Outputs inside the input are never read as inputs; an input or model
     (``model_dir``) inside an output is refused before anything runs.
     """
@@ -415,7 +433,8 @@ class PredictionJob:
     def save_outputs(self, r: ImagePrediction, folder: Path, maps_folder: Path | None) -> str:
         """Heatmap PNG (and raw map) of one image, named by its path relative to the input folder."""
         name = output_name(Path(r.path), self.source)
-        panel = heatmap_panel(r.image, r.anomaly_map, float(self.predictor.thresholds["pixel"]), None)
+        shown = at_size(torch.from_numpy(r.anomaly_map), r.image.shape[:2]).numpy()  # drawn at the model input size
+        panel = heatmap_panel(r.image, shown, float(self.predictor.thresholds["pixel"]), None)
         save_heatmap(folder / "heatmaps" / f"{name}.png", panel, f"{name} score={r.score:.3f}")
         if maps_folder is not None:
             target = maps_folder / f"{name}.npy"

@@ -20,8 +20,7 @@ from typing import Any
 from adps import paths
 from adps.config import METRIC_NAMES, Params, dotted_value
 from adps.data import embedded, layout
-from adps.data.datasets import LabelledDataset, TrainDataset
-from adps.data.images import load_rgb
+from adps.data.datasets import LabelledDataset, TrainDataset, same_size_batches
 from adps.data.splits import category_splits, check_category
 from adps.data.validation import validate_dataset
 from adps.errors import AdpsError, ValidationFailed
@@ -47,6 +46,7 @@ from adps.training.checkpoints import (
     CheckpointError,
     build_model,
     fingerprint,
+    input_geometry,
     input_normalizer,
     load_model,
     model_spec,
@@ -104,7 +104,8 @@ def category_lock(params: Params, category: str):
 
 def train_dataset(params: Params, samples: list[layout.Sample], seed: int) -> TrainDataset:
     """Normal training images with synthetic anomalies, at the model's size and normalisation."""
-    return TrainDataset(samples, params.data.image_size, input_normalizer(params), params.anomalies, seed)
+    geometry = input_geometry(model_spec(params))
+    return TrainDataset(samples, geometry, input_normalizer(params), params.anomalies, seed)
 
 
 def build_category(params: Params, category: str, dest: Path) -> None:
@@ -354,7 +355,7 @@ def fill_memory_bank(params: Params, model, train: list, val: list, device) -> d
 
     built = build_bank(
         model.memory,
-        model.teacher,
+        lambda batch: model.teacher(model.pad(batch)),  # as at prediction: padded to whole patches
         on_device(train),
         on_device([s for s in val if s.label == 0]),
         cfg.coreset_ratio,
@@ -367,13 +368,13 @@ def fill_memory_bank(params: Params, model, train: list, val: list, device) -> d
 
 
 def normal_batches(samples: list, params: Params) -> list:
-    """The normal training images as normalised batches (no synthetic anomalies)."""
+    """The normal training images as normalised batches at the model input size (no synthetic anomalies);
+    a batch holds images of one size."""
     import torch
 
-    normalize = input_normalizer(params)
-    images = [normalize(load_rgb(s.image_path, params.data.image_size)) for s in samples]
-    size = params.train.distill.batch_size
-    return [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]
+    dataset = LabelledDataset(samples, input_geometry(model_spec(params)), input_normalizer(params))
+    batches = same_size_batches(dataset, params.train.distill.batch_size)
+    return [torch.stack([item["image"] for item in batch]) for batch in batches]
 
 
 def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
@@ -483,7 +484,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     check_trained_with(params, checkpoint, paths.psm_checkpoint(params, category), category)
     model.to(device)
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
-    test_dataset = LabelledDataset(test, params.data.image_size, input_normalizer(params))
+    test_dataset = LabelledDataset(test, input_geometry(model_spec(params)), input_normalizer(params))
     val_preds, scorings = score_each_kind(
         model, params.score.model_dump(mode="json"), lambda m: validation_predictions(m, val, params, device, progress)
     )
@@ -498,10 +499,10 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
     metrics.update(kind=kind, kind_choice=why, kinds=kind_table(test_preds, val_preds))
     logger.info("%s ships %s (%s)", category, kind, why)
-    size, built = params.data.image_size, {}
+    built = {}
 
     def heatmaps(tmp: Path) -> None:
-        reports.write_heatmaps(tmp, test_pred, thresholds["pixel"], params.evaluation.n_heatmaps, size)
+        reports.write_heatmaps(tmp, test_pred, thresholds["pixel"], params.evaluation.n_heatmaps)
         built["heatmaps"] = tmp
 
     def plots(tmp: Path) -> None:
@@ -627,6 +628,8 @@ PIPELINE: tuple[Stage, ...] = (
             "runtime.threads",
             "runtime.device",
             "data.image_size",
+            "data.resolution",
+            "data.scale",
             "data.normalize_mean",
             "data.normalize_std",
             "data.val_fraction",
@@ -652,6 +655,8 @@ PIPELINE: tuple[Stage, ...] = (
             "runtime.threads",
             "runtime.device",
             "data.image_size",
+            "data.resolution",
+            "data.scale",
             "data.normalize_mean",
             "data.normalize_std",
             "data.val_fraction",
@@ -671,6 +676,8 @@ PIPELINE: tuple[Stage, ...] = (
             "runtime.seed",
             "runtime.threads",
             "data.image_size",
+            "data.resolution",
+            "data.scale",
             "data.val_fraction",
             "data.val_defect_fraction",
             "anomalies",

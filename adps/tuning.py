@@ -47,7 +47,7 @@ from adps.config import (
 )
 from adps.data.splits import category_splits
 from adps.errors import AdpsError
-from adps.evaluation.metrics import decision_metrics, detection_metrics
+from adps.evaluation.metrics import decision_metrics, detection_metrics, flat
 from adps.evaluation.predictions import Predictions, validation_predictions
 from adps.evaluation.thresholds import choose_thresholds
 from adps.files import write_text_atomically
@@ -196,9 +196,11 @@ def decision_f1(pred: Predictions, params: Params) -> float:
     calib, held = image_index % 2 == 0, image_index % 2 == 1
     if not held.any():
         held = calib
-    t = choose_thresholds(pred.scores[calib], pred.labels[calib], pred.maps[calib], pred.masks[calib], params.threshold)
-    image = decision_metrics(pred.labels[held].astype(bool), pred.scores[held] >= t["image"])["f1"]
-    pixel = decision_metrics(pred.masks[held].ravel(), pred.maps[held].ravel() >= t["pixel"])["f1"]
+    calib_pred, held_pred = pred.subset(calib), pred.subset(held)
+    t = choose_thresholds(calib_pred.scores, calib_pred.labels, calib_pred.maps, calib_pred.masks, params.threshold)
+    image = decision_metrics(held_pred.labels.astype(bool), held_pred.scores >= t["image"])["f1"]
+    maps, masks = flat(held_pred.maps), flat(held_pred.masks, bool)
+    pixel = decision_metrics(masks, maps >= t["pixel"])["f1"]
     return (image + pixel) / 2
 
 
@@ -212,7 +214,7 @@ def validation_value(model, params: Params, category: str) -> float:
     _, val, _ = category_splits(params, category)
     with torch.no_grad():
         pred = validation_predictions(model, val, params, device).synthetic_split()
-    if not np.isfinite(pred.maps).all():  # diverged training: NaN lets the pruner stop the trial
+    if not pred.all_finite():  # diverged training: NaN lets the pruner stop the trial
         return float("nan")
     if params.tune.objective == "decision_f1":
         return decision_f1(pred, params)

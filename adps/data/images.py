@@ -265,19 +265,55 @@ def rgb_image(decoded: DecodedImage, name: str = "") -> Image.Image:
         raise ImageReadError(f"cannot read image {name}: {err}") from err
 
 
-def read_rgb(source: Source, size: int, name: str | None = None) -> tuple[Array, tuple[int, int]]:
-    """An image file (or its bytes) as (size, size, 3) float32 RGB in [0, 1] (bilinear), and its (width, height).
+@dataclass(frozen=True)
+class InputGeometry:
+    """How an image of any size becomes the model's input: the one rule of training, evaluation and serving.
+
+    ``resize``: squeezed to ``size`` x ``size`` (the model's training input). ``native``: kept at its own
+    size and shape, times ``scale``; the model crops it for training and covers it whole for prediction.
+    ``auto``: native when the image is larger than ``size`` on either side (resizing would throw
+    resolution away), resize otherwise.
+    """
+
+    size: int
+    resolution: str = "resize"
+    scale: float = 1.0
+
+    def is_native(self, width: int, height: int) -> bool:
+        if self.resolution == "auto":
+            return width > self.size or height > self.size
+        return self.resolution == "native"
+
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the model input for an image of ``width`` x ``height``."""
+        if not self.is_native(width, height):
+            return self.size, self.size
+        return max(1, round(width * self.scale)), max(1, round(height * self.scale))
+
+
+def as_geometry(size: int | InputGeometry) -> InputGeometry:
+    return size if isinstance(size, InputGeometry) else InputGeometry(size)
+
+
+def read_rgb(
+    source: Source, size: int | InputGeometry | None, name: str | None = None
+) -> tuple[Array, tuple[int, int]]:
+    """An image file (or its bytes) as (H, W, 3) float32 RGB in [0, 1] at the model input size of ``size``
+    (an :class:`InputGeometry`; an int resizes to a square; None keeps its own size), and its own (width, height).
 
     Raises:
         ImageReadError: see :func:`decode_image`.
     """
     decoded = decode_image(source, name)
-    img = rgb_image(decoded, name or str(source)).resize((size, size), Image.BILINEAR)
+    img = rgb_image(decoded, name or str(source))
+    target = decoded.size if size is None else as_geometry(size).input_size(*decoded.size)
+    if target != img.size:
+        img = img.resize(target, Image.BILINEAR)
     return np.asarray(img, dtype=np.float32) / 255.0, decoded.size
 
 
-def load_rgb(path: Source, size: int, name: str | None = None) -> Array:
-    """Read an image as (size, size, 3) float32 RGB in [0, 1]; see :func:`read_rgb`."""
+def load_rgb(path: Source, size: int | InputGeometry | None, name: str | None = None) -> Array:
+    """Read an image as (H, W, 3) float32 RGB in [0, 1] at the model input size; see :func:`read_rgb`."""
     return read_rgb(path, size, name)[0]
 
 
@@ -292,9 +328,13 @@ def read_mask(path: Path) -> Array:
     return mask_values(decode_image(path, what="mask")) > 0
 
 
-def load_mask(path: Path | None, size: int) -> Array:
-    """A mask as (size, size) float32 in {0, 1} (nearest resize); zeros when ``path`` is None."""
+def load_mask(path: Path | None, size: int | tuple[int, int] | None) -> Array:
+    """A mask as (H, W) float32 in {0, 1}: at its own stored size when ``size`` is None, else nearest-resized
+    to ``size`` (a side, or (width, height)); zeros of ``size`` when ``path`` is None."""
+    shape = (size, size) if isinstance(size, int) else size
     if path is None:
-        return np.zeros((size, size), np.float32)
+        return np.zeros(shape[::-1], np.float32)
     defect = Image.fromarray(np.where(read_mask(path), 255, 0).astype(np.uint8), mode="L")
-    return (np.asarray(defect.resize((size, size), Image.NEAREST)) > 0).astype(np.float32)
+    if shape is not None and tuple(shape) != defect.size:
+        defect = defect.resize(tuple(shape), Image.NEAREST)
+    return (np.asarray(defect) > 0).astype(np.float32)

@@ -1,10 +1,12 @@
 """Anomaly-detection metrics: image/pixel AUROC and AP, AUPRO (vectorised), F1-max.
 
 All functions take numpy arrays: image ``scores`` (N,) and ``labels`` (N,) in {0, 1}; pixel
-``maps`` (N, H, W) and ``masks`` (N, H, W) boolean.
+``maps`` and ``masks`` (boolean) as N arrays (H_i, W_i), each image at its own size (a list), or (N, H, W).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -33,12 +35,20 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
 
 
-def region_weights(masks: np.ndarray) -> np.ndarray:
-    """Per-pixel weight 1 / (region size * number of regions) inside GT regions, 0 outside.
+Images = Sequence[np.ndarray] | np.ndarray  # N maps or masks, (H_i, W_i) each
+
+
+def flat(images: Images, dtype: type = np.float32) -> np.ndarray:
+    """Every pixel of N images of any sizes, in image order (as ``ravel`` of an (N, H, W) stack)."""
+    return np.concatenate([np.asarray(i).ravel() for i in images]) if len(images) else np.zeros(0, dtype)
+
+
+def region_weights(masks: Images) -> list[np.ndarray]:
+    """Per-pixel weight 1 / (region size * number of regions) inside GT regions, 0 outside (one array per mask).
 
     Summing the weights of the pixels above a threshold gives the mean per-region overlap (PRO).
     """
-    weights = np.zeros(masks.shape, np.float64)
+    weights = [np.zeros(np.shape(mask), np.float64) for mask in masks]
     regions = []
     for i, mask in enumerate(masks):
         labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
@@ -52,20 +62,20 @@ def region_weights(masks: np.ndarray) -> np.ndarray:
     return weights
 
 
-def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
+def aupro(maps: Images, masks: Images, fpr_limit: float = 0.3) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit`` FPR, normalised to [0, 1].
 
     One sort of all pixels: walking thresholds from high to low, PRO grows by each anomalous pixel's
     region weight and FPR by 1 / n_normal for each normal pixel. Ties are collapsed to one point.
     """
-    masks = masks.astype(bool)
-    if not masks.any() or masks.all():
+    labels = flat(masks, bool).astype(bool)
+    if not labels.any() or labels.all():
         return float("nan")
-    scores = maps.ravel()
+    scores = flat(maps)
     order = np.argsort(-scores, kind="stable")
     sorted_scores = scores[order]
-    pro = np.cumsum(region_weights(masks).ravel()[order])
-    fpr = np.cumsum(~masks.ravel()[order]) / (~masks).sum()
+    pro = np.cumsum(flat(region_weights([np.asarray(m, bool) for m in masks]), np.float64)[order])
+    fpr = np.cumsum(~labels[order]) / (~labels).sum()
     last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
     fpr, pro = np.r_[0.0, fpr[last_of_tie]], np.r_[0.0, pro[last_of_tie]]
     cut = np.searchsorted(fpr, fpr_limit, side="right")
@@ -107,9 +117,9 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def pixel_metrics(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> dict[str, float]:
+def pixel_metrics(maps: Images, masks: Images, fpr_limit: float) -> dict[str, float]:
     """Pixel-level AUROC, AP, AUPRO and F1-max; all NaN (never 0) when no pixel is a defect."""
-    pixel_labels, pixel_scores = masks.ravel(), maps.ravel()
+    pixel_labels, pixel_scores = flat(masks, bool).astype(bool), flat(maps)
     f1, threshold = f1_max(pixel_labels, pixel_scores)
     return {
         "pixel_auroc": safe_auroc(pixel_labels, pixel_scores),
@@ -123,8 +133,8 @@ def pixel_metrics(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> dict
 def detection_metrics(
     scores: np.ndarray,
     labels: np.ndarray,
-    maps: np.ndarray,
-    masks: np.ndarray,
+    maps: Images,
+    masks: Images,
     fpr_limit: float,
     masked: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -134,9 +144,9 @@ def detection_metrics(
     with a mask). Image metrics use every image; pixel metrics only these (default: all), so a
     defect labelled by image only never counts as a defect-free map.
     """
-    masks = masks.astype(bool)
     keep = np.ones(len(labels), bool) if masked is None else masked.astype(bool)
-    return image_metrics(scores, labels) | pixel_metrics(maps[keep], masks[keep], fpr_limit)
+    kept = [i for i in range(len(labels)) if keep[i]]
+    return image_metrics(scores, labels) | pixel_metrics([maps[i] for i in kept], [masks[i] for i in kept], fpr_limit)
 
 
 def decision_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -7,26 +7,28 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from adps.config import Params
-from adps.data.datasets import ValidationDataset
-from adps.model.network import AdpsModel
-from adps.training.checkpoints import input_normalizer
+from adps.data.datasets import ValidationDataset, same_size_batches
+from adps.evaluation.metrics import flat
+from adps.model.network import AdpsModel, at_size
+from adps.training.checkpoints import input_geometry, input_normalizer, model_spec
 
 MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class Predictions:
-    """maps (N, H, W) float32, scores (N,), masks (N, H, W) bool, labels (N,) int, paths [N],
-    masked (N,) bool: whether the image's pixels are labelled (False for a defect without a mask),
-    synthetic (N,) bool: a synthetic anomaly of the validation split (False for real images)."""
+    """maps [N x (H_i, W_i)] float32 at each mask's own size, scores (N,), masks [N x (H_i, W_i)] bool,
+    labels (N,) int, paths [N], masked (N,) bool: whether the image's pixels are labelled (False for a
+    defect without a mask), synthetic (N,) bool: a synthetic anomaly of the validation split (False for
+    real images). Images keep their own sizes, so maps and masks are lists (an (N, H, W) array also works)."""
 
-    maps: np.ndarray
+    maps: list[np.ndarray]
     scores: np.ndarray
-    masks: np.ndarray
+    masks: list[np.ndarray]
     labels: np.ndarray
     paths: list[str]
     masked: np.ndarray
@@ -52,14 +54,22 @@ class Predictions:
     def subset(self, keep: np.ndarray) -> Predictions:
         """The images where ``keep`` (N,) is True."""
         return Predictions(
-            self.maps[keep],
+            [m for m, k in zip(self.maps, keep, strict=True) if k],
             self.scores[keep],
-            self.masks[keep],
+            [m for m, k in zip(self.masks, keep, strict=True) if k],
             self.labels[keep],
             [p for p, k in zip(self.paths, keep, strict=True) if k],
             self.masked[keep],
             self.synthetic[keep],
         )
+
+    def pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(map values, mask labels) of every pixel of the images with masks, flattened in image order."""
+        keep = [i for i, k in enumerate(self.masked) if k]
+        return flat([self.maps[i] for i in keep]), flat([self.masks[i] for i in keep], bool)
+
+    def all_finite(self) -> bool:
+        return bool(np.isfinite(self.scores).all() and all(np.isfinite(m).all() for m in self.maps))
 
     @property
     def n_unmasked(self) -> int:
@@ -81,27 +91,25 @@ def predict_dataset(
     progress: bool = False,
     map_fn: MapFn = adps_maps,
 ) -> Predictions:
-    """Anomaly maps and scores of every item of ``dataset`` (items: image, mask, label, path, masked)."""
+    """Anomaly maps and scores of every item of ``dataset`` (items: image, mask, label, path, masked,
+    synthetic); each map is brought to its mask's size, so pixel metrics stand on the ground truth as stored."""
     model.eval()
-    maps, scores, masks, labels, paths, masked, synthetic = [], [], [], [], [], [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="predicting", leave=False, disable=not progress):
-        anomaly_map, score = map_fn(model, batch["image"].to(device))
-        maps.append(anomaly_map[:, 0].float().cpu().numpy())
+    maps, scores, items = [], [], []
+    batches = same_size_batches(dataset, batch_size)
+    for batch in tqdm(batches, desc="predicting", leave=False, disable=not progress):
+        anomaly_map, score = map_fn(model, torch.stack([item["image"] for item in batch]).to(device))
+        for item, one_map in zip(batch, anomaly_map[:, 0].float().cpu(), strict=True):
+            maps.append(at_size(one_map, item["mask"].shape[-2:]).numpy())
         scores.append(score.float().cpu().numpy())
-        masks.append(batch["mask"][:, 0].numpy() > 0.5)
-        labels.append(batch["label"].numpy().astype(int))
-        paths.extend(batch["path"])
-        masked.append(batch["masked"].numpy().astype(bool))
-        synthetic.append(batch["synthetic"].numpy().astype(bool))
+        items += [{k: v for k, v in item.items() if k != "image"} for item in batch]
     return Predictions(
-        np.concatenate(maps),
+        maps,
         np.concatenate(scores),
-        np.concatenate(masks),
-        np.concatenate(labels),
-        paths,
-        np.concatenate(masked),
-        np.concatenate(synthetic),
+        [item["mask"][0].numpy() > 0.5 for item in items],
+        np.array([int(item["label"]) for item in items]),
+        [item["path"] for item in items],
+        np.array([bool(item["masked"]) for item in items]),
+        np.array([bool(item["synthetic"]) for item in items]),
     )
 
 
@@ -116,5 +124,6 @@ def validation_predictions(
     """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed), and
     the real defects held out of test, if any."""
     normalize = input_normalizer(params)
-    dataset = ValidationDataset(val, params.data.image_size, normalize, params.anomalies, params.runtime.seed + 2)
+    geometry = input_geometry(model_spec(params))
+    dataset = ValidationDataset(val, geometry, normalize, params.anomalies, params.runtime.seed + 2)
     return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress, map_fn)

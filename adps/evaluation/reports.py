@@ -27,7 +27,7 @@ def calibrate(val: Predictions, cfg: ThresholdParams, score: dict[str, Any]) -> 
     image = val.real() if on_real else val
     return {
         "image": choose_threshold(image.scores, image.labels, cfg),
-        "pixel": choose_threshold(val.maps[val.masked].ravel(), val.masks[val.masked].ravel(), cfg),
+        "pixel": choose_threshold(*val.pixels(), cfg),
         "score": score,
         "strategy": cfg.strategy,
         "percentile": cfg.percentile,
@@ -53,7 +53,7 @@ def evaluation_report(test: Predictions, thresholds: dict[str, Any], cfg: Evalua
         test.scores, test.labels, test.maps, test.masks, cfg.aupro_fpr_limit, test.masked
     )
     image = decision_metrics(test.labels.astype(bool), test.scores >= thresholds["image"])
-    masks, maps = test.masks[test.masked].ravel(), test.maps[test.masked].ravel()
+    maps, masks = test.pixels()
     pixel = decision_metrics(masks, maps >= thresholds["pixel"]) if masks.any() else dict.fromkeys(image, np.nan)
     metrics.update({f"image_{k}_at_threshold": v for k, v in image.items()})
     metrics.update({f"pixel_{k}_at_threshold": v for k, v in pixel.items()})
@@ -80,7 +80,7 @@ def pixel_coverage(metrics: dict[str, Any]) -> str:
 
 def curve_data(test: Predictions, points: int) -> dict[str, list[dict[str, float]]]:
     """ROC and PR curves at image and pixel level: ``{"image_roc": [...], "pixel_pr": [...], ...}``."""
-    pixel_scores, pixel_labels = test.maps[test.masked].ravel(), test.masks[test.masked].ravel()
+    pixel_scores, pixel_labels = test.pixels()
     if len(pixel_scores) > 2_000_000:  # curves only: a seeded pixel subsample keeps files and time small
         keep = np.random.default_rng(0).choice(len(pixel_scores), 2_000_000, replace=False)
         pixel_scores, pixel_labels = pixel_scores[keep], pixel_labels[keep]
@@ -128,13 +128,14 @@ def pick_heatmap_items(test: Predictions, n: int) -> dict[str, list[int]]:
     return {"best": by_correctness[:n].tolist(), "worst": by_correctness[::-1][:n].tolist()}
 
 
-def write_heatmaps(folder: Path, test: Predictions, pixel_threshold: float, n: int, size: int) -> None:
-    """image | ground truth | map | predicted mask PNGs for the n best and n worst test images (into a new folder)."""
+def write_heatmaps(folder: Path, test: Predictions, pixel_threshold: float, n: int) -> None:
+    """image | ground truth | map | predicted mask PNGs for the n best and n worst test images (into a new
+    folder), at each image's own size (the maps' and masks' size)."""
     for kind, items in pick_heatmap_items(test, n).items():
         for rank, i in enumerate(items):
             path = Path(test.paths[i])
             truth = test.masks[i] if test.masked[i] else None  # grey: not known, not "no defect"
-            panel = heatmap_panel(load_rgb(path, size), test.maps[i], pixel_threshold, truth)
+            panel = heatmap_panel(load_rgb(path, None), test.maps[i], pixel_threshold, truth)
             unlabelled = "" if test.masked[i] else " (no mask)"
             caption = f"{kind} {rank + 1}: {path.parent.name}/{path.name}{unlabelled} score={test.scores[i]:.3f}"
             save_heatmap(folder / f"{kind}_{rank + 1}_{path.parent.name}_{path.stem}.png", panel, caption)

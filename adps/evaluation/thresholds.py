@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from adps.config import ThresholdParams
-from adps.evaluation.metrics import f1_max
+from adps.evaluation.metrics import Images, f1_max, flat
 
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, cfg: ThresholdParams) -> float:
@@ -17,10 +17,10 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, cfg: ThresholdParam
 
 
 def choose_thresholds(
-    image_scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray, cfg: ThresholdParams
+    image_scores: np.ndarray, labels: np.ndarray, maps: Images, masks: Images, cfg: ThresholdParams
 ) -> dict[str, float]:
     """Image and pixel thresholds from validation predictions."""
     return {
         "image": choose_threshold(image_scores, labels, cfg),
-        "pixel": choose_threshold(maps.ravel(), masks.ravel(), cfg),
+        "pixel": choose_threshold(flat(maps), flat(masks, bool), cfg),
     }

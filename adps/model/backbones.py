@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torchvision
@@ -114,20 +115,23 @@ def calibrate_batchnorm(net: nn.ModuleDict, batches: list[torch.Tensor]) -> None
     net.eval()
 
 
-def split_into_patches(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B*k*k, C, H/k, W/k); patch (i, j) of image b sits at index b*k*k + i*k + j."""
-    b, c, h, w = x.shape
-    if h % k or w % k:
-        raise ValueError(f"map of size {h}x{w} cannot be cut into {k}x{k} patches")
-    x = x.view(b, c, k, h // k, k, w // k).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b * k * k, c, h // k, w // k)
+def split_into_patches(x: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, C, H, W) -> (B*r*c, C, size, size) and the grid (r, c) = (H/size, W/size); patch (i, j) of image b
+    sits at index b*r*c + i*c + j. The patch size, not their number, is what training fixes."""
+    b, ch, h, w = x.shape
+    if h % size or w % size:
+        raise ValueError(f"map of size {h}x{w} cannot be cut into patches of {size}x{size}")
+    rows, cols = h // size, w // size
+    x = x.view(b, ch, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * rows * cols, ch, size, size), (rows, cols)
 
 
-def stitch_patches(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of :func:`split_into_patches`: (B*k*k, C, h, w) -> (B, C, h*k, w*k)."""
-    bk, c, h, w = x.shape
-    x = x.view(bk // (k * k), k, k, c, h, w).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(bk // (k * k), c, k * h, k * w)
+def stitch_patches(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`split_into_patches`: (B*r*c, C, h, w) -> (B, C, h*r, w*c)."""
+    rows, cols = grid
+    brc, c, h, w = x.shape
+    x = x.view(brc // (rows * cols), rows, cols, c, h, w).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(brc // (rows * cols), c, rows * h, cols * w)
 
 
 class Teacher(nn.Module):
@@ -152,29 +156,42 @@ class Teacher(nn.Module):
 
 
 class Student(nn.Module):
-    """Trainable backbone that sees the image as k x k patches (k = 1: plain symmetric distillation)."""
+    """Trainable backbone that sees the image as patches of ``input_size / k`` pixels (k = 1: plain symmetric
+    distillation). At the training input size that is k x k patches; a larger image is cut into more of the
+    same size, so each patch shows the student what it was trained on."""
 
-    def __init__(self, backbone: str, patches: int, split_after: tuple[int, ...]):
+    STRIDE_AT: ClassVar[dict[int, int]] = {0: 1, 1: 4, 2: 8}  # stride of the maps at each split boundary (input, after layer1, layer2)
+
+    def __init__(self, backbone: str, patches: int, split_after: tuple[int, ...], input_size: int):
         super().__init__()
         self.net = build_backbone(backbone)
         self.k = patches
         self.split_after = set(split_after)
+        self.input_size = input_size
+
+    def split(self, x: torch.Tensor, boundary: int, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """Cut ``x`` into the patches that are k x k at the training input size (nested within earlier cuts)."""
+        size = self.input_size // (self.STRIDE_AT[boundary] * self.k ** (len(grids) + 1))
+        x, grid = split_into_patches(x, size)
+        grids.append(grid)
+        return x
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        splits = 0
+        grids: list[tuple[int, int]] = []
         x = image
         if 0 in self.split_after and self.k > 1:
-            x, splits = split_into_patches(x, self.k), 1
+            x = self.split(x, 0, grids)
         x = self.net["stem"](x)
         feats = []
         for index, stage in enumerate(STAGES, start=1):
             x = self.net[stage](x)
-            feats.append(self.stitch(x, splits))
+            feats.append(self.stitch(x, grids))
             if index in self.split_after and self.k > 1 and index < len(STAGES):
-                x, splits = split_into_patches(x, self.k), splits + 1
+                x = self.split(x, index, grids)
         return feats
 
-    def stitch(self, x: torch.Tensor, splits: int) -> torch.Tensor:
-        for _ in range(splits):
-            x = stitch_patches(x, self.k)
+    @staticmethod
+    def stitch(x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        for grid in reversed(grids):
+            x = stitch_patches(x, grid)
         return x

@@ -21,6 +21,7 @@ from adps.model.backbones import Student, Teacher, stage_channels
 from adps.model.memory_bank import MemoryBank, level_channels
 
 ADPS, MEMORY_BANK, COMBINED = "adps", "memory_bank", "adps+memory_bank"
+MAX_STRIDE = 16  # of the deepest teacher level
 KINDS = (ADPS, MEMORY_BANK, COMBINED)
 
 
@@ -151,12 +152,16 @@ class AdpsModel(nn.Module):
         kind: str = ADPS,
         bank_levels: tuple[int, ...] = (1, 2),
         bank_neighbourhood: int = 3,
+        input_size: int = 128,
     ):
         super().__init__()
         self.kind = kind
         self.teacher = Teacher(backbone)
+        # Any input is padded to a multiple of this: the student's patch (its size in pixels is fixed by
+        # training) and the deepest stride, so every level lines up with the teacher's.
+        self.align = math.lcm(MAX_STRIDE, input_size // patches if patches > 1 else MAX_STRIDE)
         if kind != MEMORY_BANK:
-            self.student = Student(backbone, patches, split_after)
+            self.student = Student(backbone, patches, split_after, input_size)
             self.psm = PostSegmentation(stage_channels(backbone), psm_head_channels)
         if kind != ADPS:
             channels = level_channels(stage_channels(backbone), bank_levels)
@@ -186,6 +191,11 @@ class AdpsModel(nn.Module):
         self.register_buffer("score_scale", torch.tensor(scale).to(device), persistent=False)
         return self
 
+    def pad(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) mirrored at the bottom and right to multiples of :attr:`align` (unchanged when they are)."""
+        height, width = image.shape[-2], image.shape[-1]
+        return F.pad(image, (0, (-width) % self.align, 0, (-height) % self.align), mode="reflect")
+
     def teacher_device(self) -> torch.device:
         return next(self.teacher.parameters()).device
 
@@ -199,25 +209,32 @@ class AdpsModel(nn.Module):
         ]
         return DistillOutput(teacher_feats, student_feats, cos_maps)
 
-    def segment(self, distill: DistillOutput, size: tuple[int, int]) -> AdpsOutput:
-        """WMB + PSM on given teacher/student maps -> anomaly map of ``size`` and image score."""
+    def segment(self, distill: DistillOutput, size: tuple[int, int], crop: tuple[int, int] | None = None) -> AdpsOutput:
+        """WMB + PSM on given teacher/student maps -> anomaly map of ``size`` (its top-left ``crop`` when
+        given) and image score."""
         logits = self.psm(weight_mask(distill.teacher_feats, distill.cos_maps))
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        if crop is not None:
+            logits = logits[..., : crop[0], : crop[1]]
         anomaly_map = logits.softmax(dim=1)[:, 1:2]
         return AdpsOutput(anomaly_map, logits, self.scorer(anomaly_map.detach()), distill)
 
     def forward(self, image: torch.Tensor) -> AdpsOutput:
-        """Algorithm 1 (or the bank, or both): (B, 3, H, W) -> anomaly map (B, 1, H, W) and image score (B,)."""
-        size = tuple(image.shape[-2:])
+        """Algorithm 1 (or the bank, or both): (B, 3, H, W) of any size -> anomaly map (B, 1, H, W) and image
+        score (B,). The image is padded (mirrored) to a multiple of :attr:`align` and the map cropped back
+        before scoring, so the padding never scores."""
+        height, width = image.shape[-2], image.shape[-1]
+        padded = self.pad(image)
+        size = (padded.shape[-2], padded.shape[-1])
         if self.answer == MEMORY_BANK:
             with torch.no_grad():
-                bank_map = self.memory(self.teacher(image), size)
+                bank_map = self.memory(self.teacher(padded), size)[..., :height, :width]
             return AdpsOutput(bank_map, None, self.scorer(bank_map), None)
-        out = self.segment(self.distill(image), size)
+        out = self.segment(self.distill(padded), size, crop=(height, width))
         if self.answer == COMBINED:
-            bank_score = self.scorer(self.memory(out.distill.teacher_feats, size))
-            z = (torch.stack([out.image_score, bank_score], dim=1) - self.score_center) / self.score_scale
+            bank_map = self.memory(out.distill.teacher_feats, size)[..., :height, :width]
+            z = (torch.stack([out.image_score, self.scorer(bank_map)], dim=1) - self.score_center) / self.score_scale
             out.image_score = z.sum(dim=1)
         return out
 
@@ -226,3 +243,10 @@ def cosine_anomaly_map(distill: DistillOutput, size: tuple[int, int]) -> torch.T
     """Ablation without WMB/PSM: mean over levels of (1 - cos), upsampled to ``size``. (B, 1, H, W)."""
     maps = [F.interpolate(1 - w, size=size, mode="bilinear", align_corners=False) for w in distill.cos_maps]
     return torch.stack(maps).mean(dim=0)
+
+
+def at_size(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """An (H, W) map resized (bilinear) to ``shape``, the ground truth's own size; unchanged when it has it."""
+    if tuple(anomaly_map.shape) == tuple(shape):
+        return anomaly_map
+    return F.interpolate(anomaly_map[None, None], size=tuple(shape), mode="bilinear", align_corners=False)[0, 0]

@@ -19,6 +19,7 @@ import torchvision
 import adps
 from adps.config import Params, ScoreParams
 from adps.data.datasets import Normalizer
+from adps.data.images import InputGeometry
 from adps.errors import AdpsError
 from adps.files import write_atomically
 from adps.model.backbones import input_normalization
@@ -40,12 +41,19 @@ def input_normalizer(params: Params) -> Normalizer:
     return Normalizer(*normalization(params))
 
 
+def input_geometry(spec: dict[str, Any]) -> InputGeometry:
+    """How images become this model's input (a checkpoint from before ``data.resolution`` resized them)."""
+    return InputGeometry(spec["image_size"], spec.get("resolution", "resize"), spec.get("scale", 1.0))
+
+
 def model_spec(params: Params) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess its input, as plain JSON-able data."""
     mean, std = normalization(params)
     return {
         "model": params.model.model_dump(mode="json"),
         "image_size": params.data.image_size,
+        "resolution": params.data.resolution,
+        "scale": params.data.scale,
         "normalize_mean": mean,
         "normalize_std": std,
     }
@@ -73,6 +81,7 @@ def build_model(spec: dict[str, Any]) -> AdpsModel:
         kind=built_kind(m.get("kind", ADPS)),
         bank_levels=tuple(bank.get("levels", (1, 2))),
         bank_neighbourhood=bank.get("neighbourhood", 3),
+        input_size=spec["image_size"],
     )
 
 

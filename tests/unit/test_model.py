@@ -11,23 +11,31 @@ from adps.model.weights import TeacherWeightsError, load_teacher_weights
 
 def small_model(**kw) -> AdpsModel:
     scoring = {k: kw.pop(k) for k in ("method", "sigma", "topk") if k in kw}
-    args = dict(backbone="resnet18", patches=4, split_after=(0,), psm_head_channels=(8, 8))
+    args = dict(backbone="resnet18", patches=4, split_after=(0,), psm_head_channels=(8, 8), input_size=128)
     scoring = {"method": "max", "sigma": 2.0, "topk": 10, **scoring}
     return AdpsModel(**{**args, **kw}, scoring=scoring)
 
 
 def test_split_and_stitch_are_inverse_and_keep_positions():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    patches = split_into_patches(x, 4)
-    assert patches.shape == (32, 3, 2, 2)
+    patches, grid = split_into_patches(x, 2)
+    assert patches.shape == (32, 3, 2, 2) and grid == (4, 4)
     torch.testing.assert_close(patches[1 * 16 + 1 * 4 + 2], x[1, :, 2:4, 4:6])  # image 1, row 1, col 2
-    torch.testing.assert_close(stitch_patches(patches, 4), x)
+    torch.testing.assert_close(stitch_patches(patches, grid), x)
+
+
+def test_a_non_square_map_is_cut_into_more_patches_of_the_same_size():
+    x = torch.arange(1 * 2 * 4 * 12, dtype=torch.float32).view(1, 2, 4, 12)
+    patches, grid = split_into_patches(x, 2)
+    assert grid == (2, 6) and patches.shape == (12, 2, 2, 2)
+    torch.testing.assert_close(patches[1 * 6 + 4], x[0, :, 2:4, 8:10])  # row 1, col 4
+    torch.testing.assert_close(stitch_patches(patches, grid), x)
 
 
 def test_student_sees_patches_independently():
     """Changing one patch of the input changes only that patch's student features (no context leak)."""
     torch.manual_seed(0)
-    student = Student("resnet18", 4, (0,)).eval()
+    student = Student("resnet18", 4, (0,), 64).eval()
     x = torch.randn(1, 3, 64, 64)
     y = x.clone()
     y[..., :16, :16] += 1.0  # top-left patch only
@@ -39,9 +47,37 @@ def test_student_sees_patches_independently():
         assert diff[h:, :].sum() == 0 and diff[:, h:].sum() == 0
 
 
+def test_on_a_larger_non_square_image_the_student_keeps_the_patch_size_it_trained_on():
+    """Trained at 64 px with k = 4 (16 px patches), on 64 x 128 it sees 4 x 8 patches of 16 px: a change in
+    one patch reaches only that patch's features, at every level; nested splits keep their sizes too."""
+    torch.manual_seed(0)
+    for split_after in ((0,), (0, 1)):
+        student = Student("resnet18", 4, split_after, 64).eval()
+        x = torch.randn(1, 3, 64, 128)
+        y = x.clone()
+        y[..., 16:32, 96:112] += 1.0  # patch (row 1, col 6)
+        with torch.no_grad():
+            fxs, fys = student(x), student(y)
+        for fx, fy in zip(fxs, fys, strict=True):
+            diff = (fx - fy).abs().sum(dim=1)[0]
+            rows, cols = diff.shape[0] // 4, diff.shape[1] // 8
+            assert diff.shape[1] == 2 * diff.shape[0]
+            assert diff[rows : 2 * rows, 6 * cols : 7 * cols].sum() > 0
+            diff[rows : 2 * rows, 6 * cols : 7 * cols] = 0
+            assert diff.sum() == 0
+
+
+def test_any_image_size_gives_a_map_of_that_size_and_the_padding_never_scores():
+    model = small_model().eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 50, 90))  # not whole 32 px patches: padded to 64 x 96, cropped back
+    assert out.anomaly_map.shape == (2, 1, 50, 90) and out.image_score.shape == (2,)
+    torch.testing.assert_close(out.image_score, model.scorer(out.anomaly_map))
+
+
 def test_k1_is_plain_symmetric_distillation():
     torch.manual_seed(0)
-    student = Student("resnet18", 1, (0,)).eval()
+    student = Student("resnet18", 1, (0,), 64).eval()
     teacher = Teacher("resnet18")
     teacher.net.load_state_dict(student.net.state_dict())
     x = torch.randn(2, 3, 64, 64)
