@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PrivateAttr, Val
 from adps.errors import AdpsError
 
 PARAMS_FILE = "params.yaml"  # the project's params; its folder is the project root
-SYNTHETIC_CATEGORIES = ("fabric", "wood", "washer", "capsule")
+SYNTHETIC_CATEGORIES = ("fabric", "wood", "washer", "capsule", "strip")
 SYNTHETIC_DEFECT_KINDS = ("scratch", "crack", "hole", "stain", "contamination")
 
 # A category names a folder, a DVC stage (distill@C) and a registered model (adps-C): no path parts.
@@ -85,6 +85,8 @@ class DataParams(Section):
 
 class SyntheticParams(Section):
     image_size: int = Field(128, ge=64, le=1024)
+    strip_height: int = Field(512, ge=64, le=4096)  # the strip category's images (not square)
+    strip_width: int = Field(192, ge=64, le=4096)
     n_train: int = Field(80, ge=1)
     n_test_good: int = Field(20, ge=1)
     n_test_defect: int = Field(8, ge=1)

@@ -1,7 +1,10 @@
 """The embedded synthetic dataset: MVTec-layout categories generated from the seed.
 
 Two texture-like categories (``fabric``, ``wood``) and two object-like ones (``washer``, a round
-machined part with a key notch, and ``capsule``). Normal images vary in lighting, position,
+machined part with a key notch, and ``capsule``), all ``synthetic.image_size`` squares; and ``strip``,
+a long strip of ground steel (``synthetic.strip_height`` x ``strip_width``, a KolektorSDD2-like aspect)
+several times the model input, whose defects keep their physical size whatever the image size
+(scratches 1-3 px wide, pits of a few px). Normal images vary in lighting, position,
 rotation and sensor noise. Test defects (scratch, crack, hole, stain, contamination) are painted
 with their own geometric recipes and pixel-exact masks; they share nothing with the Perlin/texture
 recipe used to synthesise training anomalies, so evaluation is not circular.
@@ -24,6 +27,8 @@ from adps.data.layout import GOOD, save_binary_mask
 
 Array = np.ndarray
 MIN_DEFECT_AREA = 0.001  # smallest defect, as a fraction of the image area (16 px at 128 x 128)
+STRIP = "strip"  # the high-resolution, non-square category
+STRIP_MIN_DEFECT_PIXELS = 6
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,14 @@ def grid(size: int, pose: Pose, center: float | None = None) -> tuple[Array, Arr
     return cos * x + sin * y, -sin * x + cos * y
 
 
-def smooth_noise(rng: np.random.Generator, size: int, sigma: float | tuple[float, float]) -> Array:
-    """Gaussian-smoothed white noise with unit standard deviation."""
-    noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
+def shape_of(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of a square side or of an (H, W) shape."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def smooth_noise(rng: np.random.Generator, size: int | tuple[int, int], sigma: float | tuple[float, float]) -> Array:
+    """Gaussian-smoothed white noise with unit standard deviation (``size``: a square side or (H, W))."""
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape_of(size)), sigma, mode="wrap")
     return noise / (noise.std() + 1e-8)
 
 
@@ -138,6 +148,16 @@ def render_capsule(rng: np.random.Generator, size: int, pose: Pose) -> tuple[Arr
     return image, region
 
 
+def render_strip(rng: np.random.Generator, shape: tuple[int, int], pose: Pose) -> tuple[Array, Array]:
+    """Ground steel: fine grinding marks across the strip, grain, and a slow sheen along it."""
+    height, width = shape
+    marks = ndimage.gaussian_filter(rng.standard_normal(shape), (0.5, width / 6), mode="wrap")
+    marks /= marks.std() + 1e-8
+    along = np.sin(2 * np.pi * (np.arange(height)[:, None] + pose.dy * 10) / (height * rng.uniform(0.8, 1.2)))
+    intensity = 0.52 + 0.035 * marks + 0.02 * smooth_noise(rng, shape, 1.0) + 0.03 * along
+    return intensity[..., None] * np.array([0.92, 0.95, 1.0]), np.ones(shape, bool)
+
+
 RENDERERS: dict[str, Callable[[np.random.Generator, int, Pose], tuple[Array, Array]]] = {
     "fabric": render_fabric,
     "wood": render_wood,
@@ -158,11 +178,12 @@ def pick_point(region: Array, rng: np.random.Generator, margin: int) -> tuple[in
     return int(rows[k]), int(cols[k])
 
 
-def stroke(size: int, points: Array, width: float) -> Array:
+def stroke(size: int | tuple[int, int], points: Array, width: float) -> Array:
     """Boolean mask of a polyline given by dense (row, col) points, ``width`` pixels wide."""
-    canvas = np.zeros((size, size), bool)
-    rr = np.clip(np.round(points[:, 0]).astype(int), 0, size - 1)
-    cc = np.clip(np.round(points[:, 1]).astype(int), 0, size - 1)
+    height, width_px = shape_of(size)
+    canvas = np.zeros((height, width_px), bool)
+    rr = np.clip(np.round(points[:, 0]).astype(int), 0, height - 1)
+    cc = np.clip(np.round(points[:, 1]).astype(int), 0, width_px - 1)
     canvas[rr, cc] = True
     return ndimage.distance_transform_edt(~canvas) <= width / 2
 
@@ -175,9 +196,10 @@ def curve_points(start: tuple[int, int], length: float, rng: np.random.Generator
     return np.asarray(start, float) + np.cumsum(step, axis=0)
 
 
-def blob(size: int, center: tuple[int, int], radius: float, rng: np.random.Generator) -> Array:
+def blob(size: int | tuple[int, int], center: tuple[int, int], radius: float, rng: np.random.Generator) -> Array:
     """An irregular filled blob around ``center``."""
-    yy, xx = np.mgrid[0:size, 0:size]
+    height, width = shape_of(size)
+    yy, xx = np.mgrid[0:height, 0:width]
     dist = np.hypot(yy - center[0], xx - center[1]) / radius
     return dist + 0.35 * smooth_noise(rng, size, max(radius / 2, 1.0)) < 1.0
 
@@ -245,11 +267,67 @@ DEFECTS: dict[str, Callable[[Array, Array, np.random.Generator], tuple[Array, Ar
 }
 
 
+# Defects of the strip: sizes in pixels, not in fractions of the image (a scratch is as wide on a large image)
+
+
+def within(points: Array, shape: tuple[int, int]) -> Array:
+    """The (row, col) points that fall inside an image of ``shape`` (a curve leaving the image ends there)."""
+    inside = (points >= 0).all(axis=1) & (points[:, 0] <= shape[0] - 1) & (points[:, 1] <= shape[1] - 1)
+    return points[inside]
+
+
+def strip_scratch(image: Array, region: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+    points = within(curve_points(pick_point(region, rng, 24), rng.uniform(30, 100), rng, 0.02), image.shape[:2])
+    mask = stroke(image.shape[:2], points, rng.uniform(1.0, 3.0)) & region
+    return paint(image, mask, image[mask] * 0 + rng.uniform(0.8, 0.95), rng.uniform(0.45, 0.7)), mask
+
+
+def strip_crack(image: Array, region: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+    trunk = within(curve_points(pick_point(region, rng, 24), rng.uniform(25, 70), rng, 0.25), image.shape[:2])
+    branch = within(curve_points(tuple(trunk[len(trunk) // 2].astype(int)), 15, rng, 0.3), image.shape[:2])
+    mask = (stroke(image.shape[:2], trunk, 1.2) | stroke(image.shape[:2], branch, 1.0)) & region
+    return paint(image, mask, image[mask] * 0.45, 1.0), mask
+
+
+def strip_hole(image: Array, region: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+    center, radius = pick_point(region, rng, 16), rng.uniform(2.0, 5.0)
+    mask = blob(image.shape[:2], center, radius, rng) & region
+    yy, xx = np.nonzero(mask)
+    depth = np.hypot(yy - center[0], xx - center[1]) / radius
+    return paint(image, mask, (0.10 + 0.15 * np.clip(depth, 0, 1))[:, None] * np.ones(3), 0.9), mask
+
+
+def strip_stain(image: Array, region: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+    mask = blob(image.shape[:2], pick_point(region, rng, 24), rng.uniform(6.0, 16.0), rng) & region
+    tint = np.array([0.75, 0.65, 0.35]) * rng.uniform(0.6, 1.0)
+    return paint(image, mask, image[mask] * tint, rng.uniform(0.35, 0.6)), mask
+
+
+def strip_contamination(image: Array, region: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+    center = np.asarray(pick_point(region, rng, 24))
+    mask = np.zeros(image.shape[:2], bool)
+    for _ in range(rng.integers(2, 6)):
+        spot = tuple((center + rng.normal(0, 5.0, 2)).astype(int))
+        mask |= blob(image.shape[:2], spot, rng.uniform(1.0, 2.5) + 0.8, rng)
+    mask &= region
+    colour = rng.choice([np.array([0.08, 0.08, 0.1]), np.array([0.15, 0.3, 0.65]), np.array([0.95, 0.95, 0.9])])
+    return paint(image, mask, colour, 0.85), mask
+
+
+STRIP_DEFECTS: dict[str, Callable[[Array, Array, np.random.Generator], tuple[Array, Array]]] = {
+    "scratch": strip_scratch,
+    "crack": strip_crack,
+    "hole": strip_hole,
+    "stain": strip_stain,
+    "contamination": strip_contamination,
+}
+
+
 def finish(image: Array, pose: Pose, rng: np.random.Generator, noise_std: float) -> Array:
     """Apply lighting (gain and gradient) and sensor noise, then quantise to 8 bits."""
-    size = image.shape[0]
-    ramp = np.linspace(-1, 1, size)
-    light = pose.gain + pose.gradient[0] * ramp[:, None] + pose.gradient[1] * ramp[None, :]
+    height, width = image.shape[:2]
+    rows, cols = np.linspace(-1, 1, height), np.linspace(-1, 1, width)
+    light = pose.gain + pose.gradient[0] * rows[:, None] + pose.gradient[1] * cols[None, :]
     noisy = image * light[..., None] + rng.normal(0, noise_std, image.shape)
     return (np.clip(noisy, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -259,12 +337,16 @@ def generate_image(
 ) -> tuple[Array, Array]:
     """One (H, W, 3) uint8 image and its (H, W) boolean defect mask (empty when normal)."""
     pose = sample_pose(rng, cfg)
-    image, region = RENDERERS[category](rng, cfg.image_size, pose)
+    if category == STRIP:
+        image, region = render_strip(rng, (cfg.strip_height, cfg.strip_width), pose)
+        defects, min_pixels = STRIP_DEFECTS, STRIP_MIN_DEFECT_PIXELS
+    else:
+        image, region = RENDERERS[category](rng, cfg.image_size, pose)
+        defects, min_pixels = DEFECTS, max(8, round(MIN_DEFECT_AREA * cfg.image_size**2))
     mask = np.zeros(region.shape, bool)
     if defect is not None:
-        min_pixels = max(8, round(MIN_DEFECT_AREA * cfg.image_size**2))
         while mask.sum() < min_pixels:  # a defect clipped away by the part's outline is drawn again
-            painted, mask = DEFECTS[defect](image, region, rng)
+            painted, mask = defects[defect](image, region, rng)
         image = painted
     return finish(image, pose, rng, cfg.noise_std), mask
 
