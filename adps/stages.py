@@ -46,10 +46,10 @@ from adps.training.checkpoints import (
     CheckpointError,
     build_model,
     fingerprint,
-    input_geometry,
     input_normalizer,
     load_model,
     model_spec,
+    params_geometry,
     read_checkpoint,
     save_checkpoint,
 )
@@ -104,7 +104,7 @@ def category_lock(params: Params, category: str):
 
 def train_dataset(params: Params, samples: list[layout.Sample], seed: int) -> TrainDataset:
     """Normal training images with synthetic anomalies, at the model's size and normalisation."""
-    geometry = input_geometry(model_spec(params))
+    geometry = params_geometry(params)
     return TrainDataset(samples, geometry, input_normalizer(params), params.anomalies, seed)
 
 
@@ -372,7 +372,7 @@ def normal_batches(samples: list, params: Params) -> list:
     a batch holds images of one size."""
     import torch
 
-    dataset = LabelledDataset(samples, input_geometry(model_spec(params)), input_normalizer(params))
+    dataset = LabelledDataset(samples, params_geometry(params), input_normalizer(params))
     batches = same_size_batches(dataset, params.train.distill.batch_size)
     return [torch.stack([item["image"] for item in batch]) for batch in batches]
 
@@ -484,7 +484,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     check_trained_with(params, checkpoint, paths.psm_checkpoint(params, category), category)
     model.to(device)
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
-    test_dataset = LabelledDataset(test, input_geometry(model_spec(params)), input_normalizer(params))
+    test_dataset = LabelledDataset(test, params_geometry(params), input_normalizer(params))
     val_preds, scorings = score_each_kind(
         model, params.score.model_dump(mode="json"), lambda m: validation_predictions(m, val, params, device, progress)
     )

@@ -32,7 +32,7 @@ from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
 from adps.model.network import cosine_anomaly_map
 from adps.runtime import setup_torch
-from adps.training.checkpoints import input_normalizer, load_model
+from adps.training.checkpoints import input_normalizer, load_model, params_geometry
 
 
 def cosine_maps(model, image):
@@ -78,7 +78,7 @@ def student_only_metrics(params, category: str) -> dict[str, float]:
     _, _, test = category_splits(params, category)
     pred = predict_dataset(
         model,
-        LabelledDataset(test, params.data.image_size, input_normalizer(params)),
+        LabelledDataset(test, params_geometry(params), input_normalizer(params)),
         params.evaluation.batch_size,
         device,
         map_fn=cosine_maps,

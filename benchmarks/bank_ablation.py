@@ -27,7 +27,7 @@ from adps.evaluation import reports
 from adps.evaluation.predictions import predict_dataset, validation_predictions
 from adps.model.weights import load_teacher_weights
 from adps.runtime import setup_torch
-from adps.training.checkpoints import build_model, input_normalizer, model_spec
+from adps.training.checkpoints import build_model, input_normalizer, model_spec, params_geometry
 from benchmarks.knn_floor import cell, mean_of
 
 EVERY_POSITION = {"coreset_ratio": 1.0, "max_entries": 10**9}
@@ -48,7 +48,7 @@ def bank_metrics(params, category: str) -> dict[str, Any]:
     model.to(device)
     built = stages.fill_memory_bank(params, model, train, val, device)
     model.set_scoring(**params.score.model_dump())
-    dataset = LabelledDataset(test, params.data.image_size, input_normalizer(params))
+    dataset = LabelledDataset(test, params_geometry(params), input_normalizer(params))
     test_pred = predict_dataset(model, dataset, params.evaluation.batch_size, device)
     thresholds = reports.calibrate(validation_predictions(model, val, params, device), params.threshold, {})
     return {**reports.evaluation_report(test_pred, thresholds, params.evaluation), "entries": built["entries"]}

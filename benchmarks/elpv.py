@@ -140,14 +140,14 @@ def score_ablation(params, kind: str) -> dict[str, dict[str, Any]]:
     from adps.evaluation import reports
     from adps.evaluation.predictions import predict_dataset, validation_predictions
     from adps.runtime import setup_torch
-    from adps.training.checkpoints import input_normalizer, load_model
+    from adps.training.checkpoints import input_normalizer, load_model, params_geometry
 
     device = setup_torch(params)
     model, _ = load_model(paths.psm_checkpoint(params, kind))
     model.to(device)
     model_kind = ADPS
     _, val, test = category_splits(params, kind)
-    dataset = LabelledDataset(test, params.data.image_size, input_normalizer(params))
+    dataset = LabelledDataset(test, params_geometry(params), input_normalizer(params))
     results = {}
     for name, score in SCORE_VARIANTS.items():
         pixels = params.data.image_size**2

@@ -28,7 +28,7 @@ from adps.evaluation.predictions import predict_dataset, validation_predictions
 from adps.model.memory_bank import NearestNeighbourMap, position_features
 from adps.model.network import AdpsModel
 from adps.model.weights import load_teacher_weights
-from adps.training.checkpoints import input_normalizer
+from adps.training.checkpoints import input_normalizer, params_geometry
 
 LEVELS = (1, 2)  # 0-based: stride 8 and stride 16
 
@@ -60,7 +60,7 @@ def knn_floor(params: Params, category: str) -> dict[str, Any]:
     record = load_teacher_weights(model.teacher.net, params.model.backbone, params.model.teacher_weights)
     train, val, test = category_splits(params, category)
     map_fn, cpu = knn_maps(feature_bank(model, params, train)), torch.device("cpu")
-    test_dataset = LabelledDataset(test, params.data.image_size, input_normalizer(params))
+    test_dataset = LabelledDataset(test, params_geometry(params), input_normalizer(params))
     test_pred = predict_dataset(model, test_dataset, params.evaluation.batch_size, cpu, map_fn=map_fn)
     val_pred = validation_predictions(model, val, params, cpu, map_fn=map_fn)
     thresholds = reports.calibrate(val_pred, params.threshold, params.score.model_dump(mode="json"))

@@ -126,7 +126,7 @@ def main() -> None:
     files = sorted(paths.category_dir(params, args.category).glob("test/*/*.png"))
     torch_predictor = Predictor.from_dir(folder, "cpu")
     onnx_model = onnx_predictor(folder, args.threads)
-    images = [load_rgb(f, torch_predictor.size) for f in files]
+    images = [load_rgb(f, torch_predictor.geometry) for f in files]
     rows = []
     for batch in BATCHES:
         rows.append(("PyTorch eager", batch, model_ms_per_image(torch_predictor, images, batch, args.repeats)))
@@ -139,7 +139,9 @@ def main() -> None:
                 rows.append(("REST (mlflow models serve)", batch, rest_ms_per_image(port, files, batch, args.repeats)))
         finally:
             os.killpg(server.pid, signal.SIGKILL)
-    print(f"{args.category}, {len(files)} test images of {torch_predictor.size}², {args.threads} threads\n")
+    geometry = torch_predictor.geometry
+    shown = f"{len(files)} test images, input {geometry.size} ({geometry.resolution}), {args.threads} threads"
+    print(f"{args.category}, {shown}\n")
     print("| runtime | batch | ms/image | images/s |\n|---|---|---|---|")
     for name, batch, ms in rows:
         print(f"| {name} | {batch} | {ms:.1f} | {1000 / ms:.1f} |")

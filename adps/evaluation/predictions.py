@@ -14,7 +14,7 @@ from adps.config import Params
 from adps.data.datasets import ValidationDataset, same_size_batches
 from adps.evaluation.metrics import flat
 from adps.model.network import AdpsModel, at_size
-from adps.training.checkpoints import input_geometry, input_normalizer, model_spec
+from adps.training.checkpoints import input_normalizer, params_geometry
 
 MapFn = Callable[[AdpsModel, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -124,6 +124,6 @@ def validation_predictions(
     """Maps and scores on the validation split: held-out normals + synthetic anomalies (own seed), and
     the real defects held out of test, if any."""
     normalize = input_normalizer(params)
-    geometry = input_geometry(model_spec(params))
+    geometry = params_geometry(params)
     dataset = ValidationDataset(val, geometry, normalize, params.anomalies, params.runtime.seed + 2)
     return predict_dataset(model, dataset, params.evaluation.batch_size, device, progress, map_fn)

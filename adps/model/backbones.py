@@ -160,7 +160,8 @@ class Student(nn.Module):
     distillation). At the training input size that is k x k patches; a larger image is cut into more of the
     same size, so each patch shows the student what it was trained on."""
 
-    STRIDE_AT: ClassVar[dict[int, int]] = {0: 1, 1: 4, 2: 8}  # stride of the maps at each split boundary (input, after layer1, layer2)
+    # stride of the maps at each split boundary: the input, after layer1, after layer2
+    STRIDE_AT: ClassVar[dict[int, int]] = {0: 1, 1: 4, 2: 8}
 
     def __init__(self, backbone: str, patches: int, split_after: tuple[int, ...], input_size: int):
         super().__init__()

@@ -192,9 +192,10 @@ class AdpsModel(nn.Module):
         return self
 
     def pad(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) mirrored at the bottom and right to multiples of :attr:`align` (unchanged when they are)."""
+        """(B, 3, H, W) extended at the bottom and right to multiples of :attr:`align` by repeating the edge
+        pixels (any amount, unlike a mirror; unchanged when they are multiples already)."""
         height, width = image.shape[-2], image.shape[-1]
-        return F.pad(image, (0, (-width) % self.align, 0, (-height) % self.align), mode="reflect")
+        return F.pad(image, (0, (-width) % self.align, 0, (-height) % self.align), mode="replicate")
 
     def teacher_device(self) -> torch.device:
         return next(self.teacher.parameters()).device
@@ -222,7 +223,7 @@ class AdpsModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> AdpsOutput:
         """Algorithm 1 (or the bank, or both): (B, 3, H, W) of any size -> anomaly map (B, 1, H, W) and image
-        score (B,). The image is padded (mirrored) to a multiple of :attr:`align` and the map cropped back
+        score (B,). The image is padded to a multiple of :attr:`align` and the map cropped back
         before scoring, so the padding never scores."""
         height, width = image.shape[-2], image.shape[-1]
         padded = self.pad(image)

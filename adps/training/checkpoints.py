@@ -46,6 +46,11 @@ def input_geometry(spec: dict[str, Any]) -> InputGeometry:
     return InputGeometry(spec["image_size"], spec.get("resolution", "resize"), spec.get("scale", 1.0))
 
 
+def params_geometry(params: Params) -> InputGeometry:
+    """How images become the input of the model the params describe (``data.image_size``, ``resolution``, ``scale``)."""
+    return input_geometry(model_spec(params))
+
+
 def model_spec(params: Params) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess its input, as plain JSON-able data."""
     mean, std = normalization(params)
