@@ -132,6 +132,7 @@ class MemoryBankParams(Section):
     neighbourhood: int = Field(3, ge=1, le=7)
     coreset_ratio: float = Field(0.1, gt=0.0, le=1.0)
     max_entries: int = Field(16384, ge=1)
+    max_positions: int = Field(32768, ge=1)  # training positions the coreset chooses from (seeded subset)
     projection_dim: int = Field(128, ge=1)
 
     @model_validator(mode="after")

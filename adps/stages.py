@@ -362,6 +362,7 @@ def fill_memory_bank(params: Params, model, train: list, val: list, device) -> d
         cfg.max_entries,
         cfg.projection_dim,
         params.runtime.seed,
+        cfg.max_positions,
     )
     logger.info("memory bank: %(entries)d of %(positions)d positions kept, scale %(scale).4f", built)
     return built
