@@ -50,7 +50,8 @@ def served_predictions(root: Path, env: dict[str, str], images: list[Path], log:
     server = start([*serve, "--host", "127.0.0.1", "-p", str(port)], root, {**env, "MLFLOW_TRACKING_URI": uri}, log)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server, log, timeout=180)
-        payload = {"instances": [base64.b64encode(p.read_bytes()).decode() for p in images], "params": {"return_map": True}}
+        encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
+        payload = {"instances": encoded, "params": {"return_map": True}}
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", json.dumps(payload).encode(), {"Content-Type": "application/json"}
         )
