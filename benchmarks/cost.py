@@ -103,7 +103,17 @@ def bank_build_seconds(model, params, image: torch.Tensor, n_images: int) -> flo
     cfg = params.model.memory_bank
     batches = [image] * max(1, n_images // len(image))
     start = time.perf_counter()
-    build_bank(model.memory, model.teacher, batches, [image], cfg.coreset_ratio, cfg.max_entries, cfg.projection_dim, 0)
+    build_bank(
+        model.memory,
+        model.teacher,
+        batches,
+        [image],
+        cfg.coreset_ratio,
+        cfg.max_entries,
+        cfg.projection_dim,
+        0,
+        cfg.max_positions,
+    )
     return time.perf_counter() - start
 
 
