@@ -35,6 +35,7 @@ import yaml
 from adps import paths, stages
 from adps.config import Params, load_params, nest_dotted
 from adps.data.images import read_rgb
+from adps.data.splits import category_splits
 from adps.export import onnx_predictor
 from adps.inference import Predictor
 from benchmarks.cost import classification_net
@@ -64,12 +65,20 @@ def run_pipeline(params: Params, category: str) -> dict[str, Any]:
     return json.loads(paths.metrics_file(params, category).read_text())
 
 
-def epoch_seconds(params: Params, category: str) -> dict[str, float]:
-    """Median wall seconds of a training epoch of each stage (from the training histories)."""
+def epoch_seconds(params: Params, category: str, repeats: int) -> dict[str, float]:
+    """Median wall seconds of a training epoch of each stage (from the training histories), and of a plain
+    backbone forward over the pixels an epoch sees (its training images as ``image_size``² inputs, batched
+    as training batches them)."""
     out = {}
     for phase in ("distill", "psm"):
         history = json.loads(paths.train_history(params, category, phase).read_text())
         out[phase] = statistics.median(entry["seconds"] for entry in history) if history else float("nan")
+    train, _, _ = category_splits(params, category)
+    batch_size, size = params.train.distill.batch_size, params.data.image_size
+    backbone = classification_net(params.model.backbone).eval()
+    batch = torch.randn(batch_size, 3, size, size)
+    with torch.no_grad():
+        out["backbone"] = median_ms(lambda: backbone(batch), repeats) / 1000 * len(train) / batch_size
     return out
 
 
@@ -138,16 +147,27 @@ def quality_table(results: dict[str, dict[str, Any]]) -> str:
 
 def cost_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| mode | model input | distill s/epoch | psm s/epoch | PyTorch ms/MP | ONNX Runtime ms/MP | backbone ms/MP "
-        "| PyTorch / backbone | ONNX / backbone |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | model input | distill s/epoch | psm s/epoch | backbone s/epoch | distill / backbone "
+        "| psm / backbone |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         c, e = results[mode]["inference"], results[mode]["epoch_seconds"]
+        lines.append(
+            f"| {mode} | {c['input']} | {e['distill']:.2f} | {e['psm']:.2f} | {e['backbone']:.2f} | "
+            f"{e['distill'] / e['backbone']:.1f} | {e['psm'] / e['backbone']:.1f} |"
+        )
+    lines += [
+        "",
+        "| mode | PyTorch ms/MP | ONNX Runtime ms/MP | backbone ms/MP | PyTorch / backbone | ONNX / backbone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode in MODES:
+        c = results[mode]["inference"]
         torch_ms, onnx_ms, plain_ms = c["torch_ms_per_mp"], c["onnx_ms_per_mp"], c["backbone_ms_per_mp"]
         lines.append(
-            f"| {mode} | {c['input']} | {e['distill']:.2f} | {e['psm']:.2f} | {torch_ms:.0f} | {onnx_ms:.0f} | "
-            f"{plain_ms:.0f} | {torch_ms / plain_ms:.2f} | {onnx_ms / plain_ms:.2f} |"
+            f"| {mode} | {torch_ms:.0f} | {onnx_ms:.0f} | {plain_ms:.0f} | {torch_ms / plain_ms:.2f} | "
+            f"{onnx_ms / plain_ms:.2f} |"
         )
     native = results["native"]["inference"]
     if "tiled_ms_per_mp" in native:
@@ -184,7 +204,7 @@ def main() -> None:
         results[mode] = {
             "pipeline": pipeline,
             "floor": knn_floor(params, args.category),
-            "epoch_seconds": epoch_seconds(params, args.category),
+            "epoch_seconds": epoch_seconds(params, args.category, args.repeats),
             "inference": inference_costs(params, args.category, args.repeats),
         }
     text = quality_table(results) + "\n\n" + cost_table(results)
