@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -44,7 +45,12 @@ from benchmarks.knn_floor import cell, knn_floor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("resize", "native")
-QUALITY = (("image_auroc", "image AUROC"), ("pixel_ap", "pixel AP"), ("aupro", "AUPRO"))
+QUALITY = (
+    ("image_auroc", "image AUROC"),
+    ("image_f1_at_threshold", "image F1 at the shipped threshold"),
+    ("pixel_ap", "pixel AP"),
+    ("aupro", "AUPRO"),
+)
 
 
 def project(out: Path, mode: str, category: str, overrides: dict[str, Any]) -> Params:
@@ -188,6 +194,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (YAML value)")
     parser.add_argument("--skip-pipeline", action="store_true", help="reuse OUT's trained models (cost and floor only)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     overrides = nest_dotted({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
     overrides = merge({"runtime": {"threads": args.threads}}, overrides)

@@ -47,3 +47,17 @@ def test_the_elpv_split_is_seeded_disjoint_and_leaves_out_uncertain_labels(tmp_p
     write_source(tmp_path / "source", {"mono": split})
     assert len(list((tmp_path / "source/mono/test/defect").iterdir())) == 6
     assert not (tmp_path / "source/mono/ground_truth").exists()  # labels by image only
+
+
+def test_tiles_cover_the_image_and_average_where_they_overlap():
+    """A stand-in model whose map is the tile's own pixel value: averaged tiles give back the image."""
+    import torch
+
+    from benchmarks.native import tiled_map
+
+    class Echo(torch.nn.Module):
+        def forward(self, image):
+            return type("Out", (), {"anomaly_map": image[:, :1]})()
+
+    image = torch.rand(1, 3, 70, 150)
+    torch.testing.assert_close(tiled_map(Echo(), image, 32), image[0, 0])
