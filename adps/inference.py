@@ -34,7 +34,7 @@ from adps.files import (
     swap_in_dir,
     write_text_atomically,
 )
-from adps.model.network import at_size
+from adps.model.network import at_size, score_input_problem
 from adps.paths import PSM_FILE, THRESHOLDS_FILE
 from adps.runtime import resolve_device
 from adps.training.checkpoints import input_geometry, load_model
@@ -42,6 +42,7 @@ from adps.training.checkpoints import input_geometry, load_model
 logger = logging.getLogger(__name__)
 CSV_COLUMNS = ("path", "score", "is_anomalous", "threshold", "heatmap", "error")
 THRESHOLD_KEYS = ("image", "pixel", "score", "checkpoint_sha256")
+MAX_BATCH_PIXELS = 4 * 1024 * 1024  # images of one size go through the model together up to this many pixels
 
 
 @dataclass
@@ -145,15 +146,19 @@ class Predictor:
     def predict_arrays(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
         """(H_i, W_i, 3) float images in [0, 1] at the model input size -> maps [(H_i, W_i)] and scores (N,).
 
-        Images of one size go through the engine together, in batches of their own.
+        Images of one size go through the engine together, in batches of their own of at most
+        :data:`MAX_BATCH_PIXELS` pixels (at least one image), so memory follows the image size, not the batch.
         """
         maps: list[np.ndarray] = [np.empty(0)] * len(images)
         scores = np.zeros(len(images), np.float32)
         for shape in dict.fromkeys(image.shape for image in images):
-            group = [i for i, image in enumerate(images) if image.shape == shape]
-            group_maps, group_scores = self.engine([images[i] for i in group])
-            for i, anomaly_map, score in zip(group, group_maps, group_scores, strict=True):
-                maps[i], scores[i] = anomaly_map, score
+            same = [i for i, image in enumerate(images) if image.shape == shape]
+            per_batch = max(1, MAX_BATCH_PIXELS // (shape[0] * shape[1]))  # memory grows with the pixels at once
+            for start in range(0, len(same), per_batch):
+                group = same[start : start + per_batch]
+                group_maps, group_scores = self.engine([images[i] for i in group])
+                for i, anomaly_map, score in zip(group, group_maps, group_scores, strict=True):
+                    maps[i], scores[i] = anomaly_map, score
         return maps, scores
 
     def read(self, source: ImageSource) -> ImagePrediction:
@@ -162,10 +167,13 @@ class Predictor:
         try:
             raw = io.BytesIO(source.data) if source.data is not None else source.path
             image, original = read_rgb(raw, self.geometry, source.name)
-            return ImagePrediction(source.name, image=image, original_size=original)
         except ImageReadError as err:
             logger.warning("skipping unreadable image: %s", err)
             return ImagePrediction(source.name, error=str(err))
+        if problem := score_input_problem(*image.shape[:2], **self.thresholds["score"]):
+            logger.warning("skipping %s: %s", source.name, problem)
+            return ImagePrediction(source.name, error=f"cannot score {source.name}: {problem}")
+        return ImagePrediction(source.name, image=image, original_size=original)
 
     def predict_paths(self, paths: list[Path], batch_size: int = 16) -> list[ImagePrediction]:
         """Predict every path; unreadable files come back with ``error`` set and do not stop the rest."""

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from adps.config import Params
 from adps.data.datasets import ValidationDataset, same_size_batches
+from adps.errors import DatasetError
 from adps.evaluation.metrics import flat
 from adps.model.network import AdpsModel, at_size
 from adps.training.checkpoints import input_normalizer, params_geometry
@@ -97,6 +98,8 @@ def predict_dataset(
     maps, scores, items = [], [], []
     batches = same_size_batches(dataset, batch_size)
     for batch in tqdm(batches, desc="predicting", leave=False, disable=not progress):
+        if problem := model.scorer.input_problem(*batch[0]["image"].shape[-2:]):
+            raise DatasetError(f"cannot score {batch[0]['path']}: {problem}")
         anomaly_map, score = map_fn(model, torch.stack([item["image"] for item in batch]).to(device))
         for item, one_map in zip(batch, anomaly_map[:, 0].float().cpu(), strict=True):
             maps.append(at_size(one_map, item["mask"].shape[-2:]).numpy())

@@ -105,11 +105,33 @@ class PostSegmentation(nn.Module):
         return self.head(self.up_full(self.up_half(x)))
 
 
+def gaussian_radius(sigma: float) -> int:
+    return max(1, math.ceil(3 * sigma))
+
+
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
+    radius = gaussian_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     return kernel / kernel.sum()
+
+
+def score_input_problem(height: int, width: int, method: str, sigma: float, topk: int, **_: object) -> str:
+    """Why a map of ``height`` x ``width`` cannot be scored with these ``score.*`` settings ('' when it can):
+    the smoothing mirrors the map by its radius, which must be shorter than a side, and ``topk`` needs that
+    many pixels (ONNX's TopK fixes it)."""
+    radius = gaussian_radius(sigma) if sigma > 0 else 0
+    if min(height, width) <= radius:
+        return (
+            f"the model sees it as {width} x {height} px, and the image score's smoothing (score.sigma {sigma}) "
+            f"needs more than {radius} px on a side: give a larger image (or a larger data.scale), or lower score.sigma"
+        )
+    if method == "topk" and height * width < topk:
+        return (
+            f"the model sees it as {width} x {height} px, fewer pixels than score.topk {topk}: give a larger image "
+            "(or a larger data.scale), or lower score.topk"
+        )
+    return ""
 
 
 class ImageScorer(nn.Module):
@@ -117,8 +139,12 @@ class ImageScorer(nn.Module):
 
     def __init__(self, method: str, sigma: float, topk: int):
         super().__init__()
-        self.method, self.topk = method, topk
+        self.method, self.sigma, self.topk = method, sigma, topk
         self.register_buffer("kernel", gaussian_kernel(sigma) if sigma > 0 else torch.ones(1), persistent=False)
+
+    def input_problem(self, height: int, width: int) -> str:
+        """See :func:`score_input_problem`."""
+        return score_input_problem(height, width, self.method, self.sigma, self.topk)
 
     def smooth(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         if self.kernel.numel() == 1:
@@ -192,10 +218,10 @@ class AdpsModel(nn.Module):
         return self
 
     def pad(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) extended at the bottom and right to multiples of :attr:`align` by repeating the edge
-        pixels (any amount, unlike a mirror; unchanged when they are multiples already)."""
-        height, width = image.shape[-2], image.shape[-1]
-        return F.pad(image, (0, (-width) % self.align, 0, (-height) % self.align), mode="replicate")
+        """(B, 3, H, W) mirrored out at the bottom and right to multiples of :attr:`align` (unchanged when they
+        are multiples already). A mirror continues the texture: repeated edge pixels would fill the last
+        patches with stripes that score as defects."""
+        return mirror_to_multiple(mirror_to_multiple(image, -1, self.align), -2, self.align)
 
     def teacher_device(self) -> torch.device:
         return next(self.teacher.parameters()).device
@@ -244,6 +270,24 @@ def cosine_anomaly_map(distill: DistillOutput, size: tuple[int, int]) -> torch.T
     """Ablation without WMB/PSM: mean over levels of (1 - cos), upsampled to ``size``. (B, 1, H, W)."""
     maps = [F.interpolate(1 - w, size=size, mode="bilinear", align_corners=False) for w in distill.cos_maps]
     return torch.stack(maps).mean(dim=0)
+
+
+MIN_SIDE = 16  # the smallest image side the reader takes (adps.data.images.MIN_IMAGE_SIDE)
+
+
+def mirror_to_multiple(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """``x`` extended along ``dim`` to the next multiple of ``multiple`` with its mirror image (x, flipped x,
+    x, ... as many times as a side as short as :data:`MIN_SIDE` needs), then cut to length. Traced for ONNX
+    with that bound, so the exported graph pads any size the same way."""
+    size = x.shape[dim]
+    if not torch.jit.is_tracing():
+        if size % multiple == 0:
+            return x
+        copies = 1 + math.ceil(((-size) % multiple) / size)
+    else:
+        copies = 1 + math.ceil(multiple / MIN_SIDE)
+    tiled = torch.cat([x if i % 2 == 0 else x.flip(dim) for i in range(copies)], dim=dim)
+    return tiled.narrow(dim, 0, size + (-size) % multiple)
 
 
 def at_size(anomaly_map: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

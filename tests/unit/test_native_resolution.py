@@ -14,6 +14,7 @@ from adps.data.images import InputGeometry, load_mask, read_rgb
 from adps.data.layout import Sample
 from adps.evaluation.metrics import aupro, pixel_metrics
 from adps.evaluation.predictions import predict_dataset
+from adps.model.network import ImageScorer
 from adps.training.checkpoints import input_normalizer
 from tests.conftest import tiny_params
 
@@ -106,7 +107,9 @@ def test_maps_come_back_at_the_masks_own_size_in_every_mode(resolution, tmp_path
     samples = [Sample("strip", "test", 1, "scratch", image_path, mask_path)]
     dataset = LabelledDataset(samples, InputGeometry(64, resolution), input_normalizer(tiny_params()))
     assert dataset[0]["image"].shape == ((3, 64, 64) if resolution == "resize" else (3, 160, 96))
-    pred = predict_dataset(torch.nn.Identity(), dataset, 4, torch.device("cpu"), map_fn=blank_maps)
+    stand_in = torch.nn.Module()
+    stand_in.scorer = ImageScorer("max", 2.0, 100)
+    pred = predict_dataset(stand_in, dataset, 4, torch.device("cpu"), map_fn=blank_maps)
     assert pred.maps[0].shape == pred.masks[0].shape == (160, 96)
     assert pred.masks[0].sum() == 150  # the ground truth as stored: 3 x 50 pixels
     np.testing.assert_array_equal(load_mask(mask_path, None) > 0, pred.masks[0])
@@ -133,3 +136,67 @@ def test_pixel_metrics_pool_images_of_different_sizes():
 def test_a_bad_resolution_setting_names_its_key(section, message):
     with pytest.raises(ParamsError, match=message):
         tiny_params(**section)
+
+
+def test_a_scaled_native_image_is_seen_smaller_and_answered_at_its_own_size(tmp_path):
+    """data.scale 0.5: the model sees a 100 x 60 image as 50 x 30; the map and regions come back at 100 x 60."""
+    from adps.inference import ImageSource, Predictor, TorchEngine
+    from adps.training.checkpoints import build_model, model_spec
+
+    params = tiny_params(data={"resolution": "native", "scale": 0.5}, model={"kind": "adps"})
+    spec = model_spec(params)
+    seen = []
+    model = build_model(spec).eval()
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    engine = TorchEngine(model, spec, params.score.model_dump(), "cpu")
+    predictor = Predictor(engine, {"image": 0.5, "pixel": 0.0, "score": params.score.model_dump()})
+    path = strip(tmp_path, width=100, height=60).image_path
+    result = predictor.predict_batch([ImageSource(str(path), path=path)])[0]
+    assert seen == [(30, 50)] and result.anomaly_map.shape == (60, 100) and result.original_size == (100, 60)
+    (region,) = predictor.regions(result)  # pixel threshold 0: the whole image is one region
+    assert (region["x"], region["y"], region["width"], region["height"]) == (0, 0, 100, 60)
+
+
+@pytest.mark.parametrize("height", [17, 16, 500])
+def test_padding_mirrors_the_image_so_the_last_patches_show_texture_not_stripes(height):
+    """Repeated edge pixels made the last rows of a 192 x 500 strip score as defects; a mirror continues the
+    texture. The pad of a side of 16 px (half a 32 px patch) needs the mirror twice over."""
+    from adps.model.network import AdpsModel
+
+    model = AdpsModel("resnet18", 4, (0,), (8, 8), {"method": "max", "sigma": 2.0, "topk": 10}, input_size=128)
+    image = torch.rand(1, 3, height, 45)
+    expected = np.pad(image.numpy(), [(0, 0), (0, 0), (0, (-height) % 32), (0, (-45) % 32)], mode="symmetric")
+    np.testing.assert_array_equal(model.pad(image).numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "score", "problem"),
+    [
+        ((16, 129), {"method": "max", "sigma": 8.0, "topk": 100}, "needs more than 24 px on a side"),  # ceil(3 x 8)
+        ((25, 129), {"method": "max", "sigma": 8.0, "topk": 100}, ""),
+        ((16, 16), {"method": "max", "sigma": 2.0, "topk": 100}, ""),  # radius 6
+        ((30, 30), {"method": "topk", "sigma": 0.0, "topk": 1000}, "fewer pixels than score.topk 1000"),  # 900
+        ((40, 25), {"method": "topk", "sigma": 0.0, "topk": 1000}, ""),
+    ],
+)
+def test_what_the_image_score_needs_of_a_map(shape, score, problem):
+    from adps.model.network import score_input_problem
+
+    found = score_input_problem(*shape, **score)
+    assert (problem in found and found) if problem else found == ""
+
+
+def test_an_image_too_small_for_the_score_gets_its_own_error_row(tmp_path):
+    """score.sigma 8 (the tuning range's top) at scale 0.5: a 40 x 300 image is seen as 20 x 150 px, too
+    narrow for the smoothing radius 24; it gets an error row and the other image is scored."""
+    from adps.inference import ImageSource, Predictor, TorchEngine
+    from adps.training.checkpoints import build_model, model_spec
+
+    params = tiny_params(data={"resolution": "native", "scale": 0.5}, score={"sigma": 8.0}, model={"kind": "adps"})
+    spec = model_spec(params)
+    engine = TorchEngine(build_model(spec).eval(), spec, params.score.model_dump(), "cpu")
+    predictor = Predictor(engine, {"image": 0.5, "pixel": 0.5, "score": params.score.model_dump()})
+    small, fine = strip(tmp_path, width=40, height=300, seed=1).image_path, strip(tmp_path, seed=2).image_path
+    results = predictor.predict_batch([ImageSource(str(p), path=p) for p in (small, fine)])
+    assert "the model sees it as 20 x 150 px" in results[0].error and "score.sigma 8.0" in results[0].error
+    assert results[1].error == "" and results[1].anomaly_map.shape == (160, 96)
