@@ -52,8 +52,9 @@ def test_onnx_file_documents_inputs_outputs_and_preprocessing(exported):
     assert meta["image_size"] == "64" and meta["category"] == "washer" and "image_threshold" in meta
     assert [i.name for i in model.graph.input] == ["image"]
     assert [o.name for o in model.graph.output] == ["anomaly_map", "image_score"]
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-    assert batch.dim_param  # dynamic batch
+    assert (meta["resolution"], meta["scale"]) == ("auto", "1.0")
+    batch, _, height, width = model.graph.input[0].type.tensor_type.shape.dim
+    assert batch.dim_param and height.dim_param and width.dim_param  # dynamic batch, height and width
 
 
 def test_predict_with_the_onnx_runtime_writes_maps_and_error_rows(exported, tmp_path):
@@ -86,7 +87,7 @@ def test_a_model_onnx_that_is_not_the_export_of_its_folder_is_refused(exported, 
 
     alone, thresholds = folder("onnx_only", drop_psm=True)
     assert onnx_predictor(alone).thresholds == thresholds  # the export of this folder: accepted without psm.pt
-    assert onnx_predictor(alone / "model.onnx").size == 64  # the file's folder, as for psm.pt
+    assert onnx_predictor(alone / "model.onnx").geometry.size == 64  # the file's folder, as for psm.pt
     foreign, thresholds = folder("foreign", drop_psm=True)
     (foreign / "thresholds.json").write_text(json.dumps({**thresholds, "checkpoint_sha256": "f" * 64}))
     with pytest.raises(AdpsError, match=r"not exported from this folder's model \(thresholds.json was chosen for"):
