@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from adps.data.images import read_rgb
 from adps.data.splits import category_splits
 from adps.export import onnx_predictor
 from adps.inference import Predictor
-from benchmarks.cost import classification_net
+from benchmarks.cost import classification_net, median_seconds
 from benchmarks.elpv import merge
 from benchmarks.knn_floor import cell, knn_floor
 
@@ -89,13 +88,7 @@ def epoch_seconds(params: Params, category: str, repeats: int) -> dict[str, floa
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(fn, repeats, warmup=1)
 
 
 def tiled_map(model, image: torch.Tensor, tile: int) -> torch.Tensor:
