@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adps import stages
+from adps import paths, stages
 from adps.config import Params, find_params, load_params
 from adps.errors import AdpsError, ValidationFailed
 from adps.inference import Predictor, predict_to_folder
@@ -281,14 +281,115 @@ def predict(
             show_default=False,
         ),
     ] = None,
+    log: Annotated[
+        bool,
+        typer.Option(
+            "--log/--no-log",
+            help="Record each prediction in the project's prediction log (production.log, or ADPS_PREDICTION_LOG) "
+            "and keep flagged inputs for `adps review`.",
+        ),
+    ] = True,
 ) -> None:
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
     configure_logging()
     with reported_errors():
         predictor = load_predictor(model, params, device.value, engine.value)
         model_dir = None if model.startswith("models:/") else Path(model)
-        result = predict_to_folder(predictor, input, output, batch_size, sys.stderr.isatty(), save_maps, model_dir)
+        recorder = prediction_log(params, model) if log else None
+        result = predict_to_folder(
+            predictor, input, output, batch_size, sys.stderr.isatty(), save_maps, model_dir, recorder
+        )
     typer.echo(json.dumps(result, indent=2))
+
+
+def prediction_log(params_path: Path | None, model: str):
+    """The log of ``adps predict``: the project's (params found from the working directory), else the environment's."""
+    from adps.production.log import PredictionLog, log_settings, settings_where_served
+
+    found = params_path or find_params()
+    settings = log_settings(load_params(found)) if found else settings_where_served()
+    name = model if model.startswith("models:/") else str(Path(model).resolve())
+    return PredictionLog(settings, "predict", name)
+
+
+review_app = typer.Typer(
+    no_args_is_help=True,
+    help="The review queue: inputs the prediction log kept (flagged, and a sampled share of passed ones). "
+    "A verdict moves the image into data.import_path, so the next nightly run trains or tests on it.",
+)
+app.add_typer(review_app, name="review")
+
+
+def review_queue(params: Params):
+    from adps.production.review import ReviewQueue
+
+    return ReviewQueue(Path(os.environ.get("ADPS_REVIEW_DIR") or params.root / params.production.review_dir))
+
+
+@review_app.command("list")
+def review_list(
+    category: Annotated[str | None, typer.Option("--category", "-c", help="Only this category.")] = None,
+    params: ParamsOption = None,
+) -> None:
+    """List the inputs waiting for a verdict, oldest first, with their heatmaps."""
+    with reported_errors():
+        items = review_queue(load_params(params)).items(category)
+    table = Table(title=f"Review queue: {len(items)} waiting")
+    for column in ("id", "category", "why kept", "score", "threshold", "input", "heatmap"):
+        table.add_column(column, overflow="fold")
+    for item in items:
+        table.add_row(
+            item["id"],
+            item["category"],
+            item["reason"],
+            f"{item['score']:.3f}",
+            f"{item['threshold']:.3f}",
+            item["input_name"],
+            item["heatmap"],
+        )
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def give_verdict(ids: list[str], verdict: str, params_path: Path | None, mask: Path | None = None) -> None:
+    from adps.production.review import IncomingFolders
+
+    with reported_errors():
+        params = load_params(params_path)
+        if mask is not None and len(ids) != 1:
+            raise AdpsError("--mask belongs to one image: give one id with it")
+        folder = params.data.folder
+        incoming = IncomingFolders(
+            paths.import_dir(params), folder.normal, folder.anomalous, folder.masks, folder.mask_suffix
+        )
+        queue = review_queue(params)
+        for item_id in ids:
+            typer.echo(json.dumps(queue.judge(item_id, verdict, incoming, mask)))
+
+
+ReviewIds = Annotated[list[str], typer.Argument(help="Item ids from `adps review list` (a unique end is enough).")]
+
+
+@review_app.command("good")
+def review_good(ids: ReviewIds, params: ParamsOption = None) -> None:
+    """Mark images good (a false alarm, or a sampled pass confirmed): they join the normal images."""
+    give_verdict(ids, "good", params)
+
+
+@review_app.command("defect")
+def review_defect(
+    ids: ReviewIds,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            help="The defect's mask (white = defect, the image's size); without it the image "
+            "counts for image-level metrics only.",
+        ),
+    ] = None,
+    params: ParamsOption = None,
+) -> None:
+    """Mark images defective: they join the test split as labelled defects."""
+    give_verdict(ids, "defect", params, mask)
 
 
 if __name__ == "__main__":

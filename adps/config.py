@@ -223,6 +223,28 @@ class ScheduleParams(Section):
     cron: str = "0 2 * * *"
 
 
+class ProductionParams(Section):
+    """What happens to predictions in production: the prediction log and the review queue."""
+
+    log: str | None = "sqlite:///predictions.db"
+    review_dir: Path = Path("data/review")
+    keep_flagged: bool = True
+    keep_passed_fraction: float = Field(0.02, ge=0, le=1)
+    keep_max_mb: float = Field(500.0, ge=0)
+    max_pending: int = Field(10000, ge=1)
+
+
+class MonitorParams(Section):
+    """The drift monitor (flow ``adps-monitor``): windows of logged predictions against the champion's reference."""
+
+    cron: str = "0 * * * *"
+    window_hours: float = Field(24.0, gt=0)
+    min_predictions: int = Field(30, ge=5)
+    alpha: float = Field(0.01, gt=0, lt=1)
+    expected_defect_rate: float = Field(0.02, ge=0, lt=1)
+    feature_components: int = Field(8, ge=1)
+
+
 class FloatDistribution(Section):
     type: Literal["float"]
     low: FiniteFloat
@@ -303,6 +325,8 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     schedule: ScheduleParams = ScheduleParams()
     tune: TuneParams = TuneParams()
+    production: ProductionParams = ProductionParams()
+    monitor: MonitorParams = MonitorParams()
 
     @property
     def root(self) -> Path:
@@ -380,6 +404,8 @@ NOT_TUNABLE = {  # key prefix -> why a trial cannot tune it
     "tracking.": "not part of a trial's result",
     "registry.": "not part of a trial's result",
     "schedule.": "not part of a trial's result",
+    "production.": "not part of a trial's result",
+    "monitor.": "not part of a trial's result",
 }
 
 

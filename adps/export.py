@@ -131,10 +131,11 @@ class OnnxEngine:
         if device not in ("auto", "cpu"):
             raise AdpsError("--engine onnx runs on the CPU here: use --device auto or cpu")
 
-    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, None]:
+        """Maps and scores; no teacher features (the exported graph answers maps and scores only)."""
         batch = ((np.stack(images) - self.mean) / self.std).transpose(0, 3, 1, 2).astype(np.float32)
         anomaly_map, score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
-        return anomaly_map[:, 0], score
+        return anomaly_map[:, 0], score, None
 
 
 def onnx_predictor(model_dir: Path, threads: int = 0) -> Predictor:

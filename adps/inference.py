@@ -36,6 +36,7 @@ from adps.files import (
 )
 from adps.model.network import at_size, score_input_problem
 from adps.paths import PSM_FILE, THRESHOLDS_FILE
+from adps.production.log import PredictionLog
 from adps.runtime import resolve_device
 from adps.training.checkpoints import input_geometry, load_model
 
@@ -70,6 +71,7 @@ class ImagePrediction:
     anomaly_map: np.ndarray | None = None
     image: np.ndarray | None = None
     original_size: tuple[int, int] | None = None
+    features: np.ndarray | None = None
     error: str = ""
 
 
@@ -81,17 +83,23 @@ class TorchEngine:
         self.model = model.to(self.device).eval().set_scoring(**score)
         self.geometry = input_geometry(spec)
         self.normalize = Normalizer(spec["normalize_mean"], spec["normalize_std"])
+        self.teacher_out: list[torch.Tensor] = []
+        self.model.teacher.register_forward_hook(lambda _module, _input, out: self.teacher_out.append(out[-1]))
 
     def to(self, device: str) -> None:
         self.device = resolve_device(device)
         self.model.to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Images of one size (H, W, 3) in [0, 1] -> maps (N, H, W) and scores (N,)."""
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Images of one size (H, W, 3) in [0, 1] -> maps (N, H, W), scores (N,) and the teacher's deepest
+        level averaged over positions (N, C), read off the same forward pass (the drift monitor's features)."""
         batch = torch.stack([self.normalize(img) for img in images]).to(self.device)
+        self.teacher_out.clear()
         out = self.model(batch)
-        return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy()
+        pooled = self.teacher_out[-1].mean(dim=(2, 3)).cpu().numpy() if self.teacher_out else None
+        self.teacher_out.clear()
+        return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy(), pooled
 
 
 class Engine(Protocol):
@@ -102,7 +110,7 @@ class Engine(Protocol):
 
     def to(self, device: str) -> None: ...
 
-    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]: ...
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
 
 
 class Predictor:
@@ -149,17 +157,24 @@ class Predictor:
         Images of one size go through the engine together, in batches of their own of at most
         :data:`MAX_BATCH_PIXELS` pixels (at least one image), so memory follows the image size, not the batch.
         """
+        maps, scores, _ = self.run_engine(images)
+        return maps, scores
+
+    def run_engine(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray | None]]:
+        """:meth:`predict_arrays`, with each image's pooled teacher features (None from an engine without them)."""
         maps: list[np.ndarray] = [np.empty(0)] * len(images)
+        features: list[np.ndarray | None] = [None] * len(images)
         scores = np.zeros(len(images), np.float32)
         for shape in dict.fromkeys(image.shape for image in images):
             same = [i for i, image in enumerate(images) if image.shape == shape]
             per_batch = max(1, MAX_BATCH_PIXELS // (shape[0] * shape[1]))  # memory grows with the pixels at once
             for start in range(0, len(same), per_batch):
                 group = same[start : start + per_batch]
-                group_maps, group_scores = self.engine([images[i] for i in group])
-                for i, anomaly_map, score in zip(group, group_maps, group_scores, strict=True):
-                    maps[i], scores[i] = anomaly_map, score
-        return maps, scores
+                group_maps, group_scores, pooled = self.engine([images[i] for i in group])
+                for j, i in enumerate(group):
+                    maps[i], scores[i] = group_maps[j], group_scores[j]
+                    features[i] = None if pooled is None else pooled[j]
+        return maps, scores, features
 
     def read(self, source: ImageSource) -> ImagePrediction:
         if source.error:
@@ -190,10 +205,10 @@ class Predictor:
         readable = [r for r in results if not r.error]
         if readable:
             threshold = float(self.thresholds["image"])
-            maps, scores = self.predict_arrays([r.image for r in readable])
-            for r, anomaly_map, score in zip(readable, maps, scores, strict=True):
+            maps, scores, features = self.run_engine([r.image for r in readable])
+            for r, anomaly_map, score, pooled in zip(readable, maps, scores, features, strict=True):
                 r.anomaly_map = at_size(torch.from_numpy(anomaly_map), r.original_size[::-1]).numpy()
-                r.score, r.threshold = float(score), threshold
+                r.score, r.threshold, r.features = float(score), threshold, pooled
                 r.is_anomalous = bool(score >= threshold)
         return results
 
@@ -365,6 +380,7 @@ def predict_to_folder(
     progress: bool = False,
     save_maps: Path | None = None,
     model_dir: Path | None = None,
+    log: PredictionLog | None = None,
 ) -> dict[str, Any]:
     """Predict ``source`` (file or folder, recursively); write ``predictions.csv`` and ``heatmaps/<relative path>.png``.
 
@@ -372,7 +388,8 @@ def predict_to_folder(
     target and swapped in when complete: it never mixes files of two runs. ``save_maps`` gets each raw
     anomaly map as float32 ``<relative path>.npy`` (the image's own resolution), for re-scoring elsewhere; it may
     lie inside the output. Outputs inside the input are never read as inputs; an input or model
-    (``model_dir``) inside an output is refused before anything runs.
+    (``model_dir``) inside an output is refused before anything runs. Each prediction is recorded in
+    ``log`` when given (its counts are in the summary).
     """
     if batch_size < 1:
         raise AdpsError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -383,7 +400,7 @@ def predict_to_folder(
     if save_maps is not None and not nested:
         check_output(save_maps, marker=MAPS_MARKER)
     summary: dict[str, Any] = {}
-    job = PredictionJob(predictor, source, output, batch_size, progress)
+    job = PredictionJob(predictor, source, output, batch_size, progress, log)
 
     def build(tmp: Path, maps_tmp: Path | None = None) -> None:
         (tmp / OUTPUT_MARKER).write_text("adps predict output\n")
@@ -405,6 +422,9 @@ def predict_to_folder(
                     shutil.rmtree(maps_tmp, ignore_errors=True)
                     raise
                 swap_in_dir(maps_tmp, save_maps)
+    if log is not None and log.enabled:
+        log.flush()
+        summary["log"] = dict(log.counts)
     return {"predictions": str(output / "predictions.csv"), **summary}
 
 
@@ -421,13 +441,18 @@ class PredictionJob:
     output: Path
     batch_size: int
     progress: bool
+    log: PredictionLog | None = None
 
     def write(self, inputs: list[Path], folder: Path, maps_folder: Path | None) -> dict[str, Any]:
         rows, failed, anomalous = [], [], 0
         sources = [ImageSource(str(p), path=p) for p in inputs]
         batches = range(0, len(sources), self.batch_size)
         for start in tqdm(batches, desc="predicting", unit="batch", disable=not self.progress):
-            for r in self.predictor.predict_batch(sources[start : start + self.batch_size]):
+            batch = sources[start : start + self.batch_size]
+            results = self.predictor.predict_batch(batch)
+            if self.log is not None:
+                self.log.record(results, batch, self.predictor.thresholds)
+            for r in results:
                 heatmap = ""
                 if r.error:
                     failed.append(r.path)

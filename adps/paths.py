@@ -9,6 +9,7 @@ so a project gives the same bytes wherever it is cloned.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from adps.config import Params
@@ -19,6 +20,7 @@ REPORTS_ROOT = Path("reports")
 LOCKS_ROOT = Path(".adps") / "locks"  # git-ignored
 # A model folder's files: psm.pt + thresholds.json are the deployable model, model.onnx its export.
 STUDENT_FILE, PSM_FILE, THRESHOLDS_FILE, ONNX_FILE = "student.pt", "psm.pt", "thresholds.json", "model.onnx"
+REFERENCE_FILE = "reference.json"  # what the drift monitor compares production with (adps evaluate)
 
 
 def in_project(params: Params, path: Path) -> str:
@@ -77,6 +79,16 @@ def psm_checkpoint(params: Params, category: str) -> Path:
 
 def thresholds_file(params: Params, category: str) -> Path:
     return model_dir(params, category) / THRESHOLDS_FILE
+
+
+def reference_file(params: Params, category: str) -> Path:
+    """``models/<category>/reference.json``: the model on held-out normal images, for the drift monitor."""
+    return model_dir(params, category) / REFERENCE_FILE
+
+
+def review_dir(params: Params) -> Path:
+    """``production.review_dir``: inputs kept for review, per category."""
+    return params.root / params.production.review_dir
 
 
 def onnx_file(params: Params, category: str) -> Path:
@@ -162,6 +174,12 @@ def absolute_sqlite_url(url: str, root: Path) -> str:
     if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
         return prefix + str((root / url[len(prefix) :]).resolve())
     return url
+
+
+def sqlalchemy_url(url: str, root: Path) -> str:
+    """A database URL as SQLAlchemy takes it: relative sqlite paths made absolute (:func:`absolute_sqlite_url`),
+    and ``postgresql://`` given the installed psycopg 3 driver (SQLAlchemy's default is psycopg2)."""
+    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", absolute_sqlite_url(url, root))
 
 
 def tuning_dir(params: Params, category: str) -> Path:

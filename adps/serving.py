@@ -7,6 +7,9 @@ base64, not an image, too large, refused path) gets its ``error`` and the other 
 
 The model has no input schema: MLflow would drop unknown columns (and, with every column optional,
 hand the model an empty frame); reading the request here keeps every shape's answer or error ours.
+
+Every answered row is recorded in the prediction log (:mod:`adps.production.log`) of the project the
+server runs in (its params.yaml, found from the working directory), or of ``ADPS_PREDICTION_LOG``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from PIL import Image
 
 from adps.errors import AdpsError
 from adps.inference import ImagePrediction, ImageSource, Predictor
+from adps.production.log import PredictionLog, settings_where_served
 from adps.serving_contract import OUTPUT_COLUMNS, RequestShapeError, request_rows
 
 ALLOWED_ROOT_ENV = "ADPS_SERVE_ALLOWED_ROOT"
@@ -94,6 +98,8 @@ class AdpsPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.predictor = Predictor.from_dir(context.artifacts["model_dir"])
         self.root = allowed_root()
+        category = self.predictor.thresholds.get("category") or "unknown"
+        self.log = PredictionLog(settings_where_served(), "serve", f"adps-{category}")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """One output row per image of ``model_input`` (any shape of :func:`request_rows`); HTTP 400 otherwise.
@@ -110,6 +116,7 @@ class AdpsPyfunc(mlflow.pyfunc.PythonModel):
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         sources = [row_source(i, row, self.root) for i, row in enumerate(rows)]
         results = self.predictor.predict_batch(sources)
+        self.log.record(results, sources, self.predictor.thresholds)  # queued: the answer does not wait for it
         return pd.DataFrame([self.output_row(r, return_map) for r in results], columns=list(OUTPUT_COLUMNS))
 
     def output_row(self, r: ImagePrediction, return_map: bool) -> dict[str, Any]:

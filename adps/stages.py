@@ -500,6 +500,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
     metrics.update(kind=kind, kind_choice=why, kinds=kind_table(test_preds, val_preds))
     logger.info("%s ships %s (%s)", category, kind, why)
+    reference = production_reference(model, checkpoint["spec"], thresholds, val + test, params, device)
     built = {}
 
     def heatmaps(tmp: Path) -> None:
@@ -515,9 +516,23 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
         {
             paths.thresholds_file(params, category): json_text(thresholds),
             paths.metrics_file(params, category): json_text(metrics),
+            paths.reference_file(params, category): json_text(reference),
         },
     )
     return {"metrics": str(paths.metrics_file(params, category)), **{k: metrics[k] for k in METRIC_NAMES}}
+
+
+def production_reference(
+    model, spec: dict[str, Any], thresholds: dict[str, Any], samples: list, params: Params, device
+) -> dict[str, Any]:
+    """What the drift monitor compares production with: the deployable model (weights + these thresholds)
+    on the held-out normal images of ``samples``, through the code that answers and logs a prediction."""
+    from adps.inference import Predictor, TorchEngine
+    from adps.production.drift import build_reference
+
+    predictor = Predictor(TorchEngine(model, spec, thresholds["score"], str(device)), thresholds)
+    normals = [s.image_path for s in samples if s.label == 0]
+    return build_reference(predictor.predict_paths(normals, params.evaluation.batch_size), thresholds)
 
 
 @writes_category
@@ -689,6 +704,7 @@ PIPELINE: tuple[Stage, ...] = (
         ),
         lambda params, category: [
             paths.thresholds_file(params, category),
+            paths.reference_file(params, category),
             paths.heatmaps_dir(params, category),
             paths.metrics_file(params, category),
             *paths.plot_files(params, category),

@@ -16,7 +16,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -66,10 +65,8 @@ def study_name(params: Params, category: str) -> str:
 
 
 def storage_url(params: Params) -> str:
-    """``tune.storage`` as SQLAlchemy takes it: relative sqlite paths made absolute (workers and temp dirs
-    share it), and ``postgresql://`` given the installed psycopg 3 driver (SQLAlchemy's default is psycopg2)."""
-    url = paths.absolute_sqlite_url(params.tune.storage, params.root)
-    return re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
+    """``tune.storage`` as SQLAlchemy takes it (workers and temp dirs share it): :func:`adps.paths.sqlalchemy_url`."""
+    return paths.sqlalchemy_url(params.tune.storage, params.root)
 
 
 def rdb_storage(params: Params, category: str) -> optuna.storages.RDBStorage:

@@ -1,4 +1,5 @@
-"""Serve the deployments: ``adps-pipeline/nightly`` on ``schedule.cron``, ``adps-tune/manual`` on demand.
+"""Serve the deployments: ``adps-pipeline/nightly`` on ``schedule.cron`` (and early when the monitor reports
+drift), ``adps-monitor/watch`` on ``monitor.cron``, ``adps-tune/manual`` on demand.
 
 Run by ``make up`` (with ``PREFECT_API_URL`` pointing at the local Prefect server); then
 ``prefect deployment run 'adps-pipeline/nightly'`` triggers a run right away.
@@ -9,10 +10,20 @@ from __future__ import annotations
 import argparse
 
 from prefect import serve
+from prefect.events import DeploymentEventTrigger
 
 from adps.config import load_params, params_path_or_project
+from flows.monitor import DRIFT_EVENT, RESOURCE_PREFIX, adps_monitor
 from flows.pipeline import adps_pipeline
 from flows.tune import adps_tune
+
+# The automation: a category's drift starts the nightly run early (it imports what was reviewed so far and
+# retrains what changed). prefect.yaml declares the same trigger for teams that deploy to a work pool.
+DRIFT_TRIGGER = DeploymentEventTrigger(
+    name="nightly-early-on-drift",
+    expect={DRIFT_EVENT},
+    match={"prefect.resource.id": RESOURCE_PREFIX + "*"},
+)
 
 
 def deployments(params_path: str):
@@ -23,6 +34,13 @@ def deployments(params_path: str):
             cron=params.schedule.cron,
             parameters={"params_path": params_path},
             description="Nightly ADPS pipeline: import new images, retrain what changed, evaluate and register it",
+            triggers=[DRIFT_TRIGGER],
+        ),
+        adps_monitor.to_deployment(
+            name="watch",
+            cron=params.monitor.cron,
+            parameters={"params_path": params_path},
+            description="Drift monitor: each category's recent predictions against its champion's reference",
         ),
         adps_tune.to_deployment(
             name="manual",

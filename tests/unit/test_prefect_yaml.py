@@ -20,3 +20,5 @@ def test_prefect_yaml_matches_the_served_deployments():
         assert entry["parameters"] == {"params_path": "params.yaml"}
         crons = [s["cron"] for s in entry.get("schedules", [])]
         assert crons == [s.schedule.cron for s in deployment.schedules or []]
+        triggers = [(t["name"], set(t["expect"]), t["match"]) for t in entry.get("triggers", [])]
+        assert triggers == [(t.name, set(t.expect), t.match.model_dump()) for t in deployment.triggers]

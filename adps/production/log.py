@@ -1,0 +1,328 @@
+"""The prediction log: one row per prediction of ``adps predict`` and of the served model.
+
+A prediction only puts its row on a queue; a background thread writes the rows to the store (any
+SQLAlchemy URL: SQLite in the project by default, PostgreSQL for many servers) in batches, and keeps
+copies of flagged inputs for review (:mod:`adps.production.review`). A store that is down or slow
+never delays or fails a prediction: rows it cannot take, or that find the queue full, are counted as
+lost and logged, and the writer tries the store again with the next rows.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from adps import paths
+from adps.config import Params, find_params, load_params
+from adps.production.drift import input_statistics
+from adps.production.review import ReviewQueue
+
+logger = logging.getLogger(__name__)
+LOG_ENV, REVIEW_ENV = "ADPS_PREDICTION_LOG", "ADPS_REVIEW_DIR"
+OFF = ("", "off", "none", "null")
+BATCH_ROWS = 256  # rows written in one transaction
+WARN_EVERY_S = 30.0  # a store that stays down is reported at most this often
+
+metadata = sa.MetaData()
+predictions_table = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("time", sa.DateTime, nullable=False, index=True),  # UTC
+    sa.Column("source", sa.String(16), nullable=False),  # predict | serve
+    sa.Column("model", sa.Text, nullable=False),  # the model folder or registry URI, or the served model's name
+    sa.Column("psm_sha256", sa.String(64), index=True),
+    sa.Column("category", sa.String(128), index=True),
+    sa.Column("input_name", sa.Text, nullable=False),
+    sa.Column("input_sha256", sa.String(64)),
+    sa.Column("width", sa.Integer),
+    sa.Column("height", sa.Integer),
+    sa.Column("score", sa.Float),
+    sa.Column("is_anomalous", sa.Boolean),
+    sa.Column("threshold", sa.Float),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("brightness", sa.Float),
+    sa.Column("contrast", sa.Float),
+    sa.Column("sharpness", sa.Float),
+    sa.Column("features", sa.LargeBinary),  # float16 pooled teacher features (torch engine only)
+    sa.Column("kept", sa.Text, nullable=False, default=""),  # review-queue item id when a copy was kept
+)
+
+
+COLUMNS = tuple(c.name for c in predictions_table.columns if c.name != "id")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Where predictions go and which inputs are kept (``production.*`` params, or the environment)."""
+
+    url: str | None
+    review_dir: Path | None
+    keep_flagged: bool = True
+    keep_passed_fraction: float = 0.0
+    keep_max_bytes: int = 0
+    max_pending: int = 10000
+
+
+def log_settings(params: Params) -> LogSettings:
+    """The project's settings; ``ADPS_PREDICTION_LOG`` (a URL, or ``off``) and ``ADPS_REVIEW_DIR`` override."""
+    prod = params.production
+    url = os.environ.get(LOG_ENV, prod.log or "")
+    review = os.environ.get(REVIEW_ENV) or params.root / prod.review_dir
+    return LogSettings(
+        url=None if url.lower() in OFF else paths.sqlalchemy_url(url, params.root),
+        review_dir=Path(review),
+        keep_flagged=prod.keep_flagged,
+        keep_passed_fraction=prod.keep_passed_fraction,
+        keep_max_bytes=int(prod.keep_max_mb * 2**20),
+        max_pending=prod.max_pending,
+    )
+
+
+def settings_where_served() -> LogSettings:
+    """A served model's settings: the project's params.yaml found from the working directory, or the
+    environment alone (no project: nothing is logged unless ``ADPS_PREDICTION_LOG`` is set)."""
+    found = find_params()
+    if found is not None:
+        return log_settings(load_params(found))
+    url = os.environ.get(LOG_ENV, "")
+    review = os.environ.get(REVIEW_ENV)
+    return LogSettings(None if url.lower() in OFF else paths.sqlalchemy_url(url, Path.cwd()), review and Path(review))
+
+
+def open_store(url: str) -> sa.Engine:
+    """An engine on the log's database, its table created (several processes may race to create it)."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        sa.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+    for attempt in range(3):
+        try:
+            metadata.create_all(engine)
+            break
+        except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+    return engine
+
+
+def utc_now() -> datetime:
+    """The time rows are stamped with: UTC, without a zone (the same in every database)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def content_sha256(data: bytes | None, path: Path | None) -> str | None:
+    if data is not None:
+        return hashlib.sha256(data).hexdigest()
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path is not None else None
+    except OSError:
+        return None
+
+
+def sampled(sha256: str | None, fraction: float) -> bool:
+    """Whether a passed input is in the kept share: decided by its content hash, so reproducible."""
+    return sha256 is not None and int(sha256[:8], 16) / 16**8 < fraction
+
+
+@dataclass
+class Pending:
+    """A row on its way to the store, and what the review queue needs when the input is kept."""
+
+    row: dict[str, Any]
+    keep: str = ""  # "flagged" | "sampled" | ""
+    data: bytes | None = None
+    path: Path | None = None
+    image: np.ndarray | None = None
+    anomaly_map: np.ndarray | None = None
+    pixel_threshold: float = 0.5
+
+
+@dataclass
+class PredictionLog:
+    """Records predictions without waiting for the store. ``source``: predict | serve; ``model``: what answered."""
+
+    settings: LogSettings
+    source: str
+    model: str
+    counts: dict[str, int] = field(default_factory=lambda: {"logged": 0, "lost": 0, "kept": 0, "not_kept": 0})
+
+    def __post_init__(self) -> None:
+        self.pending: queue.Queue[Pending] = queue.Queue(self.settings.max_pending)
+        self.review = ReviewQueue(self.settings.review_dir) if self.settings.review_dir else None
+        self.engine: sa.Engine | None = None
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+        self.last_warning = 0.0
+        atexit.register(self.close)
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.url is not None
+
+    def record(self, results: list[Any], sources: list[Any], thresholds: dict[str, Any]) -> None:
+        """Queue one row per result (an :class:`adps.inference.ImagePrediction`, its ``ImageSource`` beside it)."""
+        if not self.enabled:
+            return
+        for result, source in zip(results, sources, strict=True):
+            item = self.pending_row(result, source, thresholds)
+            try:
+                self.pending.put_nowait(item)
+            except queue.Full:
+                self.count_lost(1, "the log writer is behind (production.max_pending rows waiting)")
+        self.start_writer()
+
+    def pending_row(self, result: Any, source: Any, thresholds: dict[str, Any]) -> Pending:
+        """The row of one prediction: what the model said, and what its input looked like (for drift)."""
+        data, path = source.data, source.path
+        sha = content_sha256(data, path)
+        row = dict.fromkeys(COLUMNS) | {  # every column in every row: rows are inserted together
+            "time": utc_now(),
+            "source": self.source,
+            "model": self.model,
+            "psm_sha256": thresholds.get("checkpoint_sha256"),
+            "category": thresholds.get("category"),
+            "input_name": str(result.path),
+            "input_sha256": sha,
+            "error": result.error or "",
+            "kept": "",
+        }
+        if result.error:
+            return Pending(row)
+        row.update(width=result.original_size[0], height=result.original_size[1], score=result.score)
+        row.update(is_anomalous=result.is_anomalous, threshold=result.threshold, **input_statistics(result.image))
+        if result.features is not None:
+            row["features"] = np.asarray(result.features, np.float16).tobytes()
+        keep = self.keep_reason(result, sha)
+        if not keep:
+            return Pending(row)
+        return Pending(row, keep, data, path, result.image, result.anomaly_map, float(thresholds.get("pixel", 0.5)))
+
+    def keep_reason(self, result: Any, sha: str | None) -> str:
+        if self.review is None:
+            return ""
+        if result.is_anomalous and self.settings.keep_flagged:
+            return "flagged"
+        return "sampled" if sampled(sha, self.settings.keep_passed_fraction) else ""
+
+    def start_writer(self) -> None:
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.write_forever, name="adps-prediction-log", daemon=True)
+                self.thread.start()
+
+    def write_forever(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while len(batch) < BATCH_ROWS:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.write(batch)
+            finally:
+                for _ in batch:
+                    self.pending.task_done()
+
+    def write(self, batch: list[Pending]) -> None:
+        """Keep the inputs to review, then insert the rows in one transaction; a failure loses (and counts) them."""
+        for item in batch:
+            if item.keep:
+                item.row["kept"] = self.keep(item)
+        try:
+            if self.engine is None:
+                self.engine = open_store(self.settings.url)
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(predictions_table), [item.row for item in batch])
+            self.counts["logged"] += len(batch)
+        except Exception as err:  # any store failure: the predictions were answered, the rows lost
+            if self.engine is not None:
+                self.engine.dispose()
+            self.engine = None
+            self.count_lost(len(batch), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+
+    def keep(self, item: Pending) -> str:
+        """The review-queue id of the input's copy, or "" when the queue is full or cannot be written."""
+        try:
+            kept = self.review.add(
+                item.row,
+                item.keep,
+                item.data,
+                item.path,
+                item.image,
+                item.anomaly_map,
+                item.pixel_threshold,
+                self.settings.keep_max_bytes,
+            )
+        except OSError as err:
+            logger.warning("could not keep %s for review: %s", item.row["input_name"], err)
+            kept = ""
+        self.counts["kept" if kept else "not_kept"] += 1
+        return kept
+
+    def count_lost(self, n: int, why: str) -> None:
+        self.counts["lost"] += n
+        now = time.monotonic()
+        if now - self.last_warning >= WARN_EVERY_S or self.counts["lost"] == n:
+            self.last_warning = now
+            logger.warning(
+                "prediction log %s: %d rows not recorded (%d so far; the predictions were answered): %s",
+                safe_url(self.settings.url),
+                n,
+                self.counts["lost"],
+                why,
+            )
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued row is written or lost (at most ``timeout`` seconds); True when none is left."""
+        deadline = time.monotonic() + timeout
+        while self.pending.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.pending.unfinished_tasks
+
+    def close(self) -> None:
+        if self.enabled and self.thread is not None:
+            self.flush(5.0)
+
+
+def safe_url(url: str | None) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True) if url else "(off)"
+    except sa.exc.ArgumentError:
+        return "(unparsable URL)"
+
+
+def read_rows(
+    url: str, since: datetime | None = None, until: datetime | None = None, category: str | None = None
+) -> list[dict[str, Any]]:
+    """Logged rows (oldest first) with UTC times in ``[since, until)``, of one ``category`` when given."""
+    table = predictions_table
+    query = sa.select(table).order_by(table.c.time, table.c.id)
+    if since is not None:
+        query = query.where(table.c.time >= since)
+    if until is not None:
+        query = query.where(table.c.time < until)
+    if category is not None:
+        query = query.where(table.c.category == category)
+    engine = open_store(url)
+    try:
+        with engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+    finally:
+        engine.dispose()

@@ -1,0 +1,122 @@
+"""Prefect flow ``adps-monitor``: drift of each category's recent predictions against its champion.
+
+Per category: the window of the last ``monitor.window_hours`` of logged predictions of the champion,
+checked against the reference registered with it (:mod:`adps.production.drift`), one MLflow run per
+window (experiment ``<tracking.experiment>-monitor``). Then a table and a markdown artifact, and for each
+category that drifted a Prefect event ``adps.drift.detected`` (resource ``adps.category.<name>``), which
+the nightly deployment's trigger (prefect.yaml, flows/serve.py) answers by starting the nightly run early.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime, timedelta
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from adps.config import load_params, params_path_or_project
+from adps.errors import AdpsError
+from adps.production.log import utc_now
+from adps.tracking.monitoring import monitor_category
+
+DRIFT_EVENT = "adps.drift.detected"
+RESOURCE_PREFIX = "adps.category."
+
+
+@task(name="monitor", task_run_name="monitor@{category}", cache_policy=NO_CACHE)
+def monitor_task(params_path: str, category: str, since: datetime, until: datetime) -> dict[str, Any]:
+    return monitor_category(load_params(params_path), category, since, until)
+
+
+def report_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One row of the run's table: the window's counts and each check's statistic and p-value."""
+    row = {
+        "category": report["category"],
+        "status": report["status"],
+        "model": report.get("model", "-"),
+        "predictions": report.get("n_predictions", 0),
+        "errors": report.get("n_errors", 0),
+    }
+    for name, check in report.get("checks", {}).items():
+        row[name] = f"{check['detail']}; p={check['p_value']:.2g}{' ALARM' if check['alarm'] else ''}"
+    return row
+
+
+def drift_markdown(rows: list[dict[str, Any]], since: datetime, until: datetime) -> str:
+    lines = [f"# Drift, {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC", ""]
+    for row in rows:
+        lines += [f"## {row['category']}: {row['status']}", f"{row['predictions']} predictions ({row['model']})", ""]
+        lines += [f"- **{k}**: {v}" for k, v in row.items() if k not in ("category", "status", "model", "predictions")]
+        lines.append("")
+    lines.append(
+        "Checks: score (KS vs held-out normals), flag_rate (binomial vs expected), input (KS of brightness, "
+        "contrast, sharpness), features (KS of the teacher's pooled features' principal components)."
+    )
+    return "\n".join(lines)
+
+
+def announce_drift(report: dict[str, Any]) -> None:
+    """The Prefect event of a category that drifted: what automations react to."""
+    emit_event(
+        event=DRIFT_EVENT,
+        resource={
+            "prefect.resource.id": RESOURCE_PREFIX + report["category"],
+            "prefect.resource.name": report["category"],
+        },
+        payload={
+            "alarms": report["alarms"],
+            "status": report["status"],
+            "model": report["model"],
+            "since": report["since"],
+            "until": report["until"],
+            "mlflow_run_id": report["mlflow_run_id"],
+        },
+    )
+
+
+@flow(name="adps-monitor", log_prints=True)
+def adps_monitor(params_path: str | None = None, hours: float | None = None, until: str | None = None) -> list[dict]:
+    """Check the last ``hours`` (default ``monitor.window_hours``) of predictions up to ``until`` (ISO time, UTC;
+    default now) of every category; announce the ones that drifted.
+
+    A category without a champion reference or without a log is reported as such, and the others go on.
+    """
+    params_path = str(params_path_or_project(params_path).resolve())
+    params = load_params(params_path)
+    end = datetime.fromisoformat(until).replace(tzinfo=None) if until else utc_now()
+    start = end - timedelta(hours=hours or params.monitor.window_hours)
+    futures = {c: monitor_task.submit(params_path, c, start, end) for c in params.data.categories}
+    reports = []
+    for category, future in futures.items():
+        try:
+            reports.append(future.result())
+        except AdpsError as err:
+            get_run_logger().warning("%s: not monitored: %s", category, err)
+            reports.append({"category": category, "status": f"not monitored: {err}", "alarms": []})
+    rows = [report_row(r) for r in reports]
+    create_table_artifact(key="adps-drift", table=rows, description="Drift of each category's window of predictions")
+    create_markdown_artifact(
+        key="adps-drift-report", markdown=drift_markdown(rows, start, end), description="Drift report of this window"
+    )
+    for report in reports:
+        if report["alarms"]:
+            announce_drift(report)
+    print("; ".join(f"{r['category']}: {r['status']}" for r in reports))
+    return reports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
+    parser.add_argument("--hours", type=float, default=None, help="window length (default: monitor.window_hours)")
+    parser.add_argument("--until", default=None, help="window end, ISO time in UTC (default: now)")
+    args = parser.parse_args()
+    adps_monitor(args.params, args.hours, args.until)
+
+
+if __name__ == "__main__":
+    main()
