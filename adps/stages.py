@@ -546,6 +546,7 @@ def export(params: Params, category: str) -> dict[str, Any]:
 
 
 @writes_category
+@alone_in_process  # it scores the champion and this version on the test split (torch)
 def register(params: Params, category: str) -> dict[str, Any]:
     """Stage ``register@C``: MLflow run + pyfunc model registered as ``adps-<C>`` (alias challenger).
 

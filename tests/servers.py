@@ -57,3 +57,18 @@ def mlflow_server(
     server = start(command, folder, {**project_env(folder), **quiet, **(env or {})}, log)
     wait_until_up(f"http://127.0.0.1:{port}/health", server, log)
     return server
+
+
+def prefect_server(folder: Path, port: int, log: Path) -> subprocess.Popen:
+    """A real Prefect server (its own PREFECT_HOME in ``folder``) with its event and automation services."""
+    env = {**project_env(folder), "PREFECT_HOME": str(folder / ".prefect")}
+    server = start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], folder, env, log)
+    wait_until_up(f"http://127.0.0.1:{port}/api/health", server, log, timeout=180)
+    return server
+
+
+def postgres(folder: Path):
+    """A real PostgreSQL from pip (pgserver) in ``folder``; ``.get_uri()`` is its URL, ``.cleanup()`` stops it."""
+    import pgserver
+
+    return pgserver.get_server(folder, cleanup_mode="stop")

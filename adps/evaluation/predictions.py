@@ -105,9 +105,15 @@ def predict_dataset(
             maps.append(at_size(one_map, item["mask"].shape[-2:]).numpy())
         scores.append(score.float().cpu().numpy())
         items += [{k: v for k, v in item.items() if k != "image"} for item in batch]
+    return labelled_predictions(maps, np.concatenate(scores), items)
+
+
+def labelled_predictions(maps: list[np.ndarray], scores: np.ndarray, items: list[dict]) -> Predictions:
+    """Predictions from maps (each at its mask's size), scores (N,) and the dataset items they answer (the
+    ground truth: mask, label, path, masked, synthetic)."""
     return Predictions(
         maps,
-        np.concatenate(scores),
+        scores,
         [item["mask"][0].numpy() > 0.5 for item in items],
         np.array([int(item["label"]) for item in items]),
         [item["path"] for item in items],

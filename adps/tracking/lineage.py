@@ -15,6 +15,7 @@ from pathlib import Path
 from adps import paths
 from adps.config import Params
 from adps.files import file_sha256
+from adps.production.review import REVIEWED_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,27 @@ def data_changes(old: dict[str, str], new: dict[str, str]) -> str:
     return (
         ", ".join(f"{kind}{n} {folder}" for folder, kinds in counts.items() for kind, n in kinds.items()) or "unchanged"
     )
+
+
+def reviewed_images(manifest: dict[str, str]) -> dict[str, int]:
+    """Images in a dataset manifest that came through ``adps review`` (a person's verdict), per folder
+    (``train/good``, ``test/good``, ``test/anomalous``); their masks are not counted."""
+    counts: dict[str, int] = {}
+    for path in manifest:
+        if Path(path).name.startswith(REVIEWED_PREFIX) and not path.startswith("ground_truth/"):
+            folder = str(Path(path).parent)
+            counts[folder] = counts.get(folder, 0) + 1
+    return counts
+
+
+def reviewed_line(manifest: dict[str, str]) -> str:
+    """The version page's line on reviewed images: how many went in, and where."""
+    counts = reviewed_images(manifest)
+    if not counts:
+        return "**Reviewed images**: none (no `adps review` verdicts in this version's data)."
+    where = ", ".join(f"{n} {folder}" for folder, n in sorted(counts.items()))
+    total = sum(counts.values())
+    return f"**Reviewed images**: {total} images judged with `adps review` are in this version's data ({where})."
 
 
 def params_changes(old: dict[str, str], new: dict[str, str], shown: int = 8) -> str:

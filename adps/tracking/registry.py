@@ -7,14 +7,18 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adps import paths
 from adps.config import METRIC_NAMES, Params
+from adps.data.splits import category_splits
 from adps.errors import AdpsError
+from adps.evaluation.comparison import score_on_split
 from adps.evaluation.reports import pixel_coverage
 from adps.files import write_json_atomically
+from adps.inference import Predictor
 from adps.serving_contract import ACCEPTED_INPUT, OUTPUT_COLUMNS, OUTPUT_DESCRIPTION
 from adps.tracking.connection import TrackingUnavailable, check_reachable, connect, tracking_uri, use_experiment
 from adps.tracking.lineage import (
@@ -28,6 +32,8 @@ from adps.tracking.lineage import (
     manifest_digest,
     model_hash,
     params_changes,
+    reviewed_images,
+    reviewed_line,
 )
 from adps.tracking.runs import log_run_contents, logged_params
 
@@ -76,6 +82,7 @@ def log_pyfunc(params: Params, category: str):
             paths.psm_checkpoint(params, category),
             paths.thresholds_file(params, category),
             paths.onnx_file(params, category),
+            paths.reference_file(params, category),
         ):
             if path.is_file():  # model.onnx: present when `adps export` ran (always in dvc.yaml and the flow)
                 shutil.copy2(path, bundle / path.name)
@@ -104,9 +111,10 @@ def latest_version(client, name: str) -> str:
     return str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
 
 
-def version_metric(client, name: str, version: str, metric: str) -> float | None:
-    value = client.get_model_version(name, version).tags.get(metric)
-    return None if value in (None, "", "None") else float(value)
+def version_metrics(client, name: str, version: str) -> dict[str, float | None]:
+    """The headline test metrics recorded on a version's tags (its ``adps evaluate`` metrics, None when absent)."""
+    tags = client.get_model_version(name, version).tags
+    return {k: None if tags.get(k) in (None, "", "None") else float(tags[k]) for k in METRIC_NAMES}
 
 
 def current_champion(client, name: str) -> str | None:
@@ -118,29 +126,106 @@ def current_champion(client, name: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A new version's headline metrics beside the champion's, and on what they stand.
+
+    ``equal_terms``: both columns come from one scoring run of both models on this version's test split
+    (``split`` says which images). Otherwise (no champion, the champion is this model, or it could not be
+    scored) this version's ``adps evaluate`` metrics stand beside the champion's tags, and ``basis`` says why.
+    """
+
+    champion: str | None
+    this_version: dict[str, Any]
+    champion_metrics: dict[str, Any]
+    basis: str
+    equal_terms: bool = False
+    split: str = ""
+    reason: str = ""  # why not on equal terms, in a few words (the version's tag)
+
+    def tags(self) -> dict[str, str]:
+        """What the version records of it (the MLflow UI lists version tags)."""
+        split = f"test split of this version: {self.split}" if self.equal_terms else f"no: {self.reason}"
+        return {"champion_compared": self.champion or "none", "equal_terms_split": split}
+
+
 IMAGE_METRICS = ("image_auroc", "image_ap")
 FALLBACK_METRIC = "image_auroc"  # the promotion metric of a category whose defects have no masks
 
 
-def maybe_promote(client, params: Params, name: str, version: str) -> bool:
-    """Make ``version`` champion when there is none, or when auto-promotion says it wins."""
+def maybe_promote(client, params: Params, name: str, version: str, compared: Comparison | None = None) -> bool:
+    """Make ``version`` champion when there is none, or when auto-promotion says it wins.
+
+    It wins on ``compared``'s numbers when they stand on equal terms against this champion (both scored on
+    the version's test split), else on the versions' tags (each one's test metrics of its own time).
+    """
     champion = current_champion(client, name)
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version)
         return True
     if not params.registry.auto_promote or champion == version:
         return False
+    if compared is not None and compared.equal_terms and compared.champion == champion:
+        ours, theirs, basis = compared.this_version, compared.champion_metrics, "on equal terms"
+    else:
+        ours, theirs = version_metrics(client, name, version), version_metrics(client, name, champion)
+        basis = "by their test metrics of the time"
     metric = params.registry.promote_metric
-    new, old = version_metric(client, name, version, metric), version_metric(client, name, champion, metric)
-    if new is None and metric not in IMAGE_METRICS:  # labelled by image only: no pixel metric to compare
+    if ours.get(metric) is None and metric not in IMAGE_METRICS:  # labelled by image only: no pixel metric
         logger.info("%s: version %s has no %s (no defect masks); comparing %s", name, version, metric, FALLBACK_METRIC)
         metric = FALLBACK_METRIC
-        new, old = version_metric(client, name, version, metric), version_metric(client, name, champion, metric)
+    new, old = ours.get(metric), theirs.get(metric)
     if new is not None and (old is None or new > old + params.registry.min_delta):
         client.set_registered_model_alias(name, CHAMPION, version)
-        logger.info("%s: version %s (%s=%.4f) replaces champion %s (%s)", name, version, metric, new, champion, old)
+        logger.info(
+            "%s: version %s (%s=%.4f) replaces champion %s (%s), %s", name, version, metric, new, champion, old, basis
+        )
         return True
     return False
+
+
+def compare_with_champion(
+    client, params: Params, category: str, metrics: dict[str, Any], tags: dict[str, str]
+) -> Comparison:
+    """This version against the current champion: both scored on this version's test split when the champion is
+    another model; the champion's recorded metrics (saying why) when there is none, it is this model, or it
+    cannot be loaded or scored here. Never fails the registration."""
+    name = model_name(category)
+    champion = current_champion(client, name)
+    if champion is None:
+        return Comparison(None, metrics, {}, "", reason="first version")
+    if client.get_model_version(name, champion).tags.get("model_hash") == tags["model_hash"]:
+        same = "The champion is this same model: its column is its test metrics as registered."
+        return by_tags(client, name, champion, metrics, same, "the champion is this model")
+    try:
+        return on_equal_terms(params, category, champion, tags["data_sha256"])
+    except Exception as err:  # anything wrong with the champion (files, code, input rules): compare as before
+        logger.warning("%s: cannot score champion %s on this version's test split: %s", name, champion, err)
+        why = (
+            f"Not on equal terms: the champion could not be scored on this version's test split "
+            f"({type(err).__name__}: {err}). Its column is its test metrics of the time it was registered, "
+            "measured on its own test split."
+        )
+        return by_tags(client, name, champion, metrics, why, "the champion could not be scored")
+
+
+def on_equal_terms(params: Params, category: str, champion: str, data_sha256: str) -> Comparison:
+    """This version (models/<C>) and the champion (from the registry) scored by one function on this
+    version's test split (the images ``adps evaluate`` tested on), each at its own thresholds."""
+    _, _, test = category_splits(params, category)
+    device = params.runtime.device
+    holder = load_registered_predictor(f"models:/{model_name(category)}/{champion}").to(device)
+    challenger = Predictor.from_dir(paths.model_dir(params, category), device)
+    ours, theirs = (score_on_split(model, test, params.evaluation) for model in (challenger, holder))
+    normal = sum(sample.label == 0 for sample in test)
+    split = f"{len(test)} images ({normal} normal, {len(test) - normal} defect), data sha256 {data_sha256}"
+    basis = f"Both scored on this version's test split: {split}; each model at its own thresholds."
+    return Comparison(champion, ours, theirs, basis, equal_terms=True, split=split)
+
+
+def by_tags(client, name: str, champion: str, metrics: dict[str, Any], basis: str, reason: str) -> Comparison:
+    """This version's evaluate metrics beside the champion's recorded ones (as registered, on its own test split)."""
+    return Comparison(champion, metrics, version_metrics(client, name, champion), basis, reason=reason)
 
 
 def register(params: Params, category: str) -> dict[str, Any]:
@@ -192,7 +277,9 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
         **git_tags(params.root),
     }
     changes = what_changed(client, name, manifest, logged_params(params), tags["git_commit"])
-    description = version_description(client, params, category, metrics, tags, changes)  # before any promotion
+    changes.append(reviewed_line(manifest))
+    compared = compare_with_champion(client, params, category, metrics, tags)  # before any promotion
+    description = version_description(params, category, metrics, tags, changes, compared)
     with mlflow.start_run(run_name=f"{category}", tags={**tags, "mlflow.note.content": description}) as run:
         log_run_contents(run.info.run_id, params, category, metrics)
         mlflow.log_dict(manifest, MANIFEST_ARTIFACT)
@@ -200,12 +287,14 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
     version_tags = {
         **tags,
         **{k: str(metrics.get(k)) for k in METRIC_NAMES},
+        **compared.tags(),
+        "reviewed_images": str(sum(reviewed_images(manifest).values())),
     }
     version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
     client.update_model_version(name, version, description=description)
     client.update_registered_model(name, description=model_description(category))
     client.set_registered_model_alias(name, CHALLENGER, version)
-    maybe_promote(client, params, name, version)
+    maybe_promote(client, params, name, version, compared)
     return record_registration(client, params, category, version, run.info.run_id, created=True)
 
 
@@ -224,7 +313,8 @@ POST `{{"instances": ["<base64>"]}}` to `/invocations`; or
 its metadata).
 
 **Promote** a version by moving the `champion` alias on its page, or `adps promote -c {category} --version V`.
-Each version's description compares it with the champion of the time it was registered.
+Each version's description compares it with the champion it would replace, both scored on that version's
+test split (when the champion cannot be scored there, with the champion's metrics as registered, and says so).
 """
 
 
@@ -234,20 +324,15 @@ def model_description(category: str) -> str:
 
 
 def version_description(
-    client, params: Params, category: str, metrics: dict[str, Any], tags: dict[str, str], changes: list[str]
+    params: Params,
+    category: str,
+    metrics: dict[str, Any],
+    tags: dict[str, str],
+    changes: list[str],
+    compared: Comparison,
 ) -> str:
     """Markdown for a new version: its test metrics beside the champion's, what changed, lineage, how to reproduce."""
-    name = model_name(category)
-    champion = current_champion(client, name)
-    before = {k: version_metric(client, name, champion, k) for k in METRIC_NAMES} if champion else {}
-    title = f"vs champion (version {champion})" if champion else "(no champion yet: this version becomes it)"
-    lines = [f"### {category}: test metrics {title}", "", "| metric | this version | champion | difference |"]
-    lines.append("|---|---|---|---|")
-    for key in METRIC_NAMES:
-        new, old = metrics.get(key), before.get(key)
-        difference = f"{new - old:+.4f}" if isinstance(new, float) and old is not None else ""
-        lines.append(f"| {key} | {number(new)} | {number(old)} | {difference} |")
-    lines += ["", pixel_coverage(metrics), "", *kind_lines(metrics)]
+    lines = [*comparison_lines(category, compared), "", pixel_coverage(metrics), "", *kind_lines(metrics)]
     registry, commit = params.registry, tags.get("git_commit", "unknown")
     dirty = " (source or params differed from it)" if tags.get("git_dirty") == "true" else ""
     lines += [
@@ -272,6 +357,19 @@ def version_description(
         "images: image | ground truth | map | predicted mask) and `model.onnx`.",
     ]
     return "\n".join(lines)
+
+
+def comparison_lines(category: str, compared: Comparison) -> list[str]:
+    """The page's title and its table: this version | champion | difference, and on what they stand."""
+    champion = compared.champion
+    title = f"vs champion (version {champion})" if champion else "(no champion yet: this version becomes it)"
+    lines = [f"### {category}: test metrics {title}", "", *([compared.basis, ""] if compared.basis else [])]
+    lines += ["| metric | this version | champion | difference |", "|---|---|---|---|"]
+    for key in METRIC_NAMES:
+        new, old = compared.this_version.get(key), compared.champion_metrics.get(key)
+        difference = f"{new - old:+.4f}" if isinstance(new, float) and isinstance(old, float) else ""
+        lines.append(f"| {key} | {number(new)} | {number(old)} | {difference} |")
+    return lines
 
 
 def kind_lines(metrics: dict[str, Any]) -> list[str]:

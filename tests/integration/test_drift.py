@@ -81,6 +81,14 @@ def test_a_lighting_shift_is_flagged_in_every_window(scored):
         assert "mean shift brightness -0." in report["checks"]["input"]["detail"]
 
 
+def test_a_threshold_that_flags_every_image_raises_the_flag_rate_alarm(scored):
+    _, predictor, reference, windows = scored
+    rows = [row | {"is_anomalous": True} for row in logged_rows(predictor, windows[0])]
+    report = window_report(reference, rows, MonitorParams(min_predictions=WINDOW))
+    assert report["alarms"] == ["flag_rate"] and report["checks"]["flag_rate"]["statistic"] == 1.0
+    assert report["checks"]["flag_rate"]["detail"] == "30 of 30 flagged, 4.4% expected"  # 1/42 + 2 %
+
+
 def test_a_window_too_small_is_reported_not_tested(scored):
     _, predictor, reference, windows = scored
     report = window_report(reference, logged_rows(predictor, windows[0][:4]), MonitorParams(min_predictions=5))

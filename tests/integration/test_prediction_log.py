@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from adps.errors import AdpsError
 from adps.inference import ImageSource, Predictor, TorchEngine, predict_to_folder
 from adps.production.log import LogSettings, PredictionLog, read_rows
 from adps.production.review import REVIEWED_PREFIX, IncomingFolders, ReviewQueue
+from adps.tracking.lineage import data_manifest, reviewed_line
 from adps.training.checkpoints import build_model, model_spec
 from tests.conftest import tiny_params
 from tests.servers import free_port
@@ -78,9 +80,10 @@ def test_every_prediction_is_one_row_with_its_input_decision_and_features(images
     items = ReviewQueue(tmp_path / "review").items("washer")
     assert sorted(i["id"] for i in items) == sorted(r["kept"] for r in by_name.values() if r["kept"])
     for item in items:
-        assert Path(item["heatmap"]).is_file() and Path(item["image"]).read_bytes() == (
-            images / Path(item["input_name"]).name
-        ).read_bytes()
+        assert (
+            Path(item["heatmap"]).is_file()
+            and Path(item["image"]).read_bytes() == (images / Path(item["input_name"]).name).read_bytes()
+        )
 
 
 @pytest.mark.parametrize(
@@ -146,8 +149,15 @@ def test_verdicts_move_images_where_prepare_imports_them(project, images):
     reviewed = {s.image_path.name: s for s in samples if s.image_path.name.startswith(REVIEWED_PREFIX)}
     assert len(reviewed) == 6
     assert reviewed[f"{REVIEWED_PREFIX}{ids[0]}.png"].mask_path is not None
-    assert reviewed[f"{REVIEWED_PREFIX}{ids[1]}.png"].label == 1 and reviewed[f"{REVIEWED_PREFIX}{ids[1]}.png"].mask_path is None
+    unmasked = reviewed[f"{REVIEWED_PREFIX}{ids[1]}.png"]
+    assert unmasked.label == 1 and unmasked.mask_path is None
+    share = params.data.folder.test_normal_fraction
     for item_id in ids[2:]:
         sample = reviewed[f"{REVIEWED_PREFIX}{item_id}.png"]
-        expected = layout.normal_split(sample.image_path.name, params.runtime.seed, params.data.folder.test_normal_fraction)
+        expected = layout.normal_split(sample.image_path.name, params.runtime.seed, share)
         assert (sample.label, sample.split) == (0, expected)
+    goods = Counter(f"{s.split}/good" for s in reviewed.values() if s.label == 0)
+    where = ", ".join(f"{n} {folder}" for folder, n in sorted((goods + Counter({"test/anomalous": 2})).items()))
+    assert reviewed_line(data_manifest(params, "washer")) == (
+        f"**Reviewed images**: 6 images judged with `adps review` are in this version's data ({where})."
+    )

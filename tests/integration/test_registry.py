@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from adps import paths, stages, tracking
+from adps.config import METRIC_NAMES
+from adps.data.embedded import generate_category
+from adps.data.splits import category_splits
 from adps.errors import AdpsError
 from adps.inference import Predictor
 from tests.conftest import project_env, run, tiny_params
@@ -155,28 +160,84 @@ def change_model(metric_value: float) -> None:
     paths.metrics_file(tiny_params(), "washer").write_text(json.dumps(metrics))
 
 
-def test_auto_promotion_and_manual_promote(store):
-    saved = {
-        p: p.read_bytes()
-        for p in (paths.thresholds_file(tiny_params(), "washer"), paths.metrics_file(tiny_params(), "washer"))
+@pytest.fixture
+def own_store(trained_project, tmp_path, monkeypatch):
+    """A copy of the trained project as cwd (its data and model may change) and a fresh MLflow store."""
+    root = tmp_path / "project"
+    for folder in ("data", "models", "reports"):
+        shutil.copytree(trained_project[0] / folder, root / folder)
+    monkeypatch.chdir(root)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def independent_metrics(model_dir: Path, samples: list) -> dict[str, float]:
+    """Image AUROC and AP and pixel AP of a model folder on ``samples``: scikit-learn on `adps predict`'s results."""
+    results = Predictor.from_dir(model_dir).predict_paths([s.image_path for s in samples])
+    labels, scores = [s.label for s in samples], [r.score for r in results]
+    masks = [
+        np.asarray(Image.open(s.mask_path)) > 0 if s.mask_path else np.zeros(r.anomaly_map.shape, bool)
+        for s, r in zip(samples, results, strict=True)
+    ]
+    pixel_labels, pixel_scores = (
+        np.concatenate([a.ravel() for a in arrays]) for arrays in (masks, [r.anomaly_map for r in results])
+    )
+    return {
+        "image_auroc": roc_auc_score(labels, scores),
+        "image_ap": average_precision_score(labels, scores),
+        "pixel_ap": average_precision_score(pixel_labels, pixel_scores),
     }
-    try:
-        params = tiny_params(registry={"auto_promote": True, "promote_metric": "pixel_ap", "min_delta": 0.01})
-        change_model(0.10)
-        assert stages.register(params, "washer")["version"] == "1"
-        change_model(0.105)  # better, but not by min_delta: stays challenger
-        second = stages.register(params, "washer")
-        assert second["aliases"] == ["challenger"]
-        change_model(0.5)
-        third = stages.register(params, "washer")
-        assert set(third["aliases"]) == {"challenger", "champion"}
-        stages.promote(params, "washer", "1")
-        assert str(store.get_model_version_by_alias("adps-washer", "champion").version) == "1"
-        with pytest.raises(AdpsError, match="has no version 9"):
-            stages.promote(params, "washer", "9")
-    finally:
-        for path, data in saved.items():
-            path.write_bytes(data)
+
+
+def comparison_table(page: str) -> dict[str, list[float | None]]:
+    """The version page's table: metric -> [this version, champion] (None for '-')."""
+    rows = [line.strip("|").split("|") for line in page.splitlines() if line.startswith("| ")]
+    numbers = {cells[0].strip(): [c.strip() for c in cells[1:3]] for cells in rows if cells[0].strip() in METRIC_NAMES}
+    return {k: [None if c == "-" else float(c) for c in cells] for k, cells in numbers.items()}
+
+
+def ship(kind: str, claimed_pixel_ap: float, bump: float = 0.0) -> None:
+    """A 'retrained' washer model: the same weights answering as ``kind`` (another thresholds.json, so a new
+    version), and an evaluate report claiming ``claimed_pixel_ap`` (what the version's tags record)."""
+    thresholds = json.loads(paths.thresholds_file(tiny_params(), "washer").read_text())
+    thresholds["score"]["kind"] = kind
+    thresholds["image"] += bump
+    paths.thresholds_file(tiny_params(), "washer").write_text(json.dumps(thresholds))
+    metrics = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())
+    metrics["pixel_ap"] = claimed_pixel_ap
+    paths.metrics_file(tiny_params(), "washer").write_text(json.dumps(metrics))
+
+
+def test_auto_promotion_decides_on_equal_terms_not_on_the_tags_and_manual_promote(own_store):
+    """The tags (each version's own evaluate report) say the opposite of the shared scoring run: the run decides."""
+    model_dir, test = paths.model_dir(tiny_params(), "washer"), category_splits(tiny_params(), "washer")[2]
+    measured = {}
+    for kind in ("adps", "memory_bank"):
+        ship(kind, 0.5)
+        measured[kind] = independent_metrics(model_dir, test)["pixel_ap"]
+    worse, better = sorted(measured, key=measured.get)
+    gap = measured[better] - measured[worse]
+    assert gap > 1e-4, measured
+    params = tiny_params(registry={"auto_promote": True, "promote_metric": "pixel_ap", "min_delta": gap / 2})
+    ship(worse, claimed_pixel_ap=0.99)
+    assert stages.register(params, "washer")["version"] == "1"
+    ship(better, claimed_pixel_ap=0.0)  # tags: 0.0 against 0.99; on equal terms it is better by `gap`
+    second = stages.register(params, "washer")
+    assert set(second["aliases"]) == {"challenger", "champion"}
+    version = own_store.get_model_version("adps-washer", second["version"])
+    assert version.tags["pixel_ap"] == "0.0" and version.tags["champion_compared"] == "1"  # tags: evaluate's report
+    assert version.tags["equal_terms_split"].startswith("test split of this version: 7 images (2 normal, 5 defect)")
+    shown = comparison_table(version.description)["pixel_ap"]
+    np.testing.assert_allclose(shown, [measured[better], measured[worse]], atol=6e-5)
+    ship(worse, claimed_pixel_ap=0.99, bump=0.001)  # tags: 0.99 against 0.0; on equal terms worse
+    third = stages.register(params, "washer")
+    assert third["aliases"] == ["challenger"]
+    assert str(own_store.get_model_version_by_alias("adps-washer", "champion").version) == second["version"]
+    stages.promote(params, "washer", "1")
+    assert str(own_store.get_model_version_by_alias("adps-washer", "champion").version) == "1"
+    with pytest.raises(AdpsError, match="has no version 9"):
+        stages.promote(params, "washer", "9")
 
 
 def test_unreachable_server_is_a_clear_error_and_keeps_local_outputs(trained_project, monkeypatch):
@@ -212,26 +273,73 @@ def test_git_dirty_counts_source_and_params_not_pipeline_outputs(tmp_path, monke
     assert tracking.git_tags(tmp_path)["git_dirty"] == "true"
 
 
-def test_version_page_compares_with_the_champion_and_a_manual_champion_stays(store):
-    saved = {
-        p: p.read_bytes()
-        for p in (paths.thresholds_file(tiny_params(), "washer"), paths.metrics_file(tiny_params(), "washer"))
-    }
-    try:
-        first = stages.register(tiny_params(), "washer")
-        before = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())["pixel_ap"]
-        change_model(before + 0.25)  # clearly better, but auto_promote is off
-        second = stages.register(tiny_params(), "washer")
-    finally:
-        for path, data in saved.items():
-            path.write_bytes(data)
-    assert str(store.get_model_version_by_alias("adps-washer", "champion").version) == first["version"]
-    assert second["aliases"] == ["challenger"]
-    page = store.get_model_version("adps-washer", second["version"]).description
-    assert "vs champion (version 1)" in page and f"| pixel_ap | {before + 0.25:.4f} | {before:.4f} | +0.2500 |" in page
+def change_test_split(params) -> dict[str, int]:
+    """What a nightly import does to washer's test split: a normal image gone, new normal and defect images
+    (with masks); returns how many test images of each label the folder then holds."""
+    folder = paths.category_dir(params, "washer")
+    (folder / "test" / "good" / "001.png").unlink()
+    fresh = folder.parent.parent / "day2"
+    generate_category("washer", params.synthetic, 99, fresh)  # other images, same layout
+    for kind, index in [("good", 0), ("good", 1), ("scratch", 0), ("crack", 0), ("hole", 0)]:
+        shutil.copy(fresh / "test" / kind / f"00{index}.png", folder / "test" / kind / f"10{index}.png")
+        if kind != "good":
+            shutil.copy(fresh / "ground_truth" / kind / "000_mask.png", folder / "ground_truth" / kind / "100_mask.png")
+    shutil.rmtree(fresh)
+    return {"normal": 3, "defect": 8}
+
+
+def test_version_page_scores_the_champion_on_this_versions_test_split_and_a_manual_champion_stays(own_store, tmp_path):
+    first = stages.register(tiny_params(), "washer")
+    old_tags = own_store.get_model_version("adps-washer", first["version"]).tags
+    assert old_tags["champion_compared"] == "none" and old_tags["equal_terms_split"] == "no: first version"
+    assert "no champion yet" in own_store.get_model_version("adps-washer", first["version"]).description
+    champion_dir = shutil.copytree(paths.model_dir(tiny_params(), "washer"), tmp_path / "version1")
+    params = tiny_params(data={"val_defect_fraction": 0.5}, score={"method": "topk", "topk": 50})
+    in_folder = change_test_split(params)
+    stages.evaluate(params, "washer")  # the nightly run re-evaluates on the new split (and ships other scoring)
+    second = stages.register(params, "washer")
+
+    _, val, test = category_splits(params, "washer")
+    held_out = [s for s in val if s.label == 1]
+    assert len(held_out) == 3 and not set(held_out) & set(test)  # one of each defect kind with two images
+    assert len(test) == in_folder["normal"] + in_folder["defect"] - len(held_out) == 8
+    expected = independent_metrics(champion_dir, test)
+    assert str(own_store.get_model_version_by_alias("adps-washer", "champion").version) == first["version"]
+    assert second["aliases"] == ["challenger"]  # auto-promotion is off: the champion set before stays
+    version = own_store.get_model_version("adps-washer", second["version"])
+    page, table = version.description, comparison_table(version.description)
+    assert "vs champion (version 1)" in page
+    assert "Both scored on this version's test split: 8 images (3 normal, 5 defect), data sha256 " in page
+    for metric, value in expected.items():
+        assert table[metric][1] == pytest.approx(value, abs=6e-5), metric  # on the new split ...
+    assert expected["image_auroc"] != pytest.approx(float(old_tags["image_auroc"]), abs=1e-3)  # not its old tags
+    evaluated = json.loads(paths.metrics_file(params, "washer").read_text())
+    for metric in METRIC_NAMES:  # this version's column: the same numbers as its `adps evaluate` report
+        assert table[metric][0] == pytest.approx(evaluated[metric], abs=6e-5), metric
+        assert version.tags[metric] == str(evaluated[metric])
+    assert version.tags["champion_compared"] == "1" and version.tags["equal_terms_split"].endswith(
+        version.tags["data_sha256"]
+    )
     assert "auto-promotion off" in page and "dvc repro register@washer" in page and "teacher weights: none" in page
-    assert "no champion yet" in store.get_model_version("adps-washer", first["version"]).description
-    assert "base64" in store.get_registered_model("adps-washer").description
-    artifacts = {a.path for a in store.list_artifacts(second["run_id"], "plots")}
+    assert "base64" in own_store.get_registered_model("adps-washer").description
+    artifacts = {a.path for a in own_store.list_artifacts(second["run_id"], "plots")}
     assert {"plots/curves.png", "plots/heatmaps.png"} <= artifacts
-    assert store.get_run(second["run_id"]).data.tags["mlflow.note.content"] == page
+    assert own_store.get_run(second["run_id"]).data.tags["mlflow.note.content"] == page
+
+
+def test_an_unloadable_champion_falls_back_to_its_tags_and_says_why(own_store):
+    first = stages.register(tiny_params(), "washer")
+    [registered] = Path.cwd().glob("mlruns/models/*/artifacts/artifacts/model_dir/thresholds.json")
+    registered.write_text("{not json")  # the champion's files in the artifact store are unusable
+    before = json.loads(paths.metrics_file(tiny_params(), "washer").read_text())["pixel_ap"]
+    change_model(before + 0.25)
+    params = tiny_params(registry={"auto_promote": True, "promote_metric": "pixel_ap"})
+    second = stages.register(params, "washer")  # registration goes on
+    version = own_store.get_model_version("adps-washer", second["version"])
+    page = version.description
+    assert "Not on equal terms: the champion could not be scored on this version's test split" in page
+    assert "models:/adps-washer/1 loaded but its model files are unusable" in page
+    assert f"| pixel_ap | {before + 0.25:.4f} | {before:.4f} | +0.2500 |" in page  # evaluate's report vs its tags
+    assert version.tags["equal_terms_split"] == "no: the champion could not be scored"
+    assert version.tags["champion_compared"] == first["version"]
+    assert set(second["aliases"]) == {"challenger", "champion"}  # decided on the tags, as before
