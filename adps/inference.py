@@ -36,7 +36,6 @@ from adps.files import (
 )
 from adps.model.network import at_size, score_input_problem
 from adps.paths import PSM_FILE, THRESHOLDS_FILE
-from adps.production.log import PredictionLog
 from adps.runtime import resolve_device
 from adps.training.checkpoints import input_geometry, load_model
 
@@ -100,6 +99,19 @@ class TorchEngine:
         pooled = self.teacher_out[-1].mean(dim=(2, 3)).cpu().numpy() if self.teacher_out else None
         self.teacher_out.clear()
         return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy(), pooled
+
+
+class PredictionRecorder(Protocol):
+    """Where predictions are recorded (:class:`adps.production.log.PredictionLog`): queued, never waited for."""
+
+    enabled: bool
+    counts: dict[str, int]
+
+    def record(
+        self, results: list[ImagePrediction], sources: list[ImageSource], thresholds: dict[str, Any]
+    ) -> None: ...
+
+    def flush(self, timeout: float = 10.0) -> bool: ...
 
 
 class Engine(Protocol):
@@ -380,7 +392,7 @@ def predict_to_folder(
     progress: bool = False,
     save_maps: Path | None = None,
     model_dir: Path | None = None,
-    log: PredictionLog | None = None,
+    log: PredictionRecorder | None = None,
 ) -> dict[str, Any]:
     """Predict ``source`` (file or folder, recursively); write ``predictions.csv`` and ``heatmaps/<relative path>.png``.
 
@@ -441,7 +453,7 @@ class PredictionJob:
     output: Path
     batch_size: int
     progress: bool
-    log: PredictionLog | None = None
+    log: PredictionRecorder | None = None
 
     def write(self, inputs: list[Path], folder: Path, maps_folder: Path | None) -> dict[str, Any]:
         rows, failed, anomalous = [], [], 0
