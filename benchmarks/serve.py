@@ -5,8 +5,10 @@
 Rows: PyTorch eager and ONNX Runtime on decoded, resized images (model time only), and the REST
 endpoint of the registered champion (``mlflow models serve``; base64 PNG in, JSON out: decode,
 model, regions and HTTP included), each at batch 1 and 8, as ms/image and images/s, with the same
-thread count. Then the peak RSS of ``adps predict`` on 200 and on 2,000 images (copies of the test
-images), which stays flat when prediction streams.
+thread count. The prediction log's cost: files decoded and scored with and without recording each
+prediction (rows to a SQLite log, flagged inputs kept), and the REST endpoint with the log off and on.
+Then the peak RSS of ``adps predict`` on 200 and on 2,000 images (copies of the test images), which
+stays flat when prediction streams.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from adps import paths
 from adps.config import load_params
 from adps.data.images import load_rgb
 from adps.export import onnx_predictor
-from adps.inference import Predictor
+from adps.inference import ImageSource, Predictor
+from adps.production.log import LogSettings, PredictionLog
 
 BATCHES = (1, 8)
 
@@ -48,15 +51,50 @@ def model_ms_per_image(predictor: Predictor, images: list, batch: int, repeats: 
     return best * 1000
 
 
+def recorded_ms_per_image(predictor: Predictor, files: list[Path], batch: int, repeats: int, log=None) -> float:
+    """Best of ``repeats`` passes of decode + model (+ recording in ``log``), in ms per image."""
+    sources = [ImageSource(str(f), path=f) for f in files]
+
+    def one_pass() -> None:
+        for i in range(0, len(sources) - batch + 1, batch):
+            results = predictor.predict_batch(sources[i : i + batch])
+            if log is not None:
+                log.record(results, sources[i : i + batch], predictor.thresholds)
+
+    one_pass()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_pass()
+        best = min(best, (time.perf_counter() - start) / (len(sources) // batch * batch))
+    if log is not None:
+        log.flush(60)
+    return best * 1000
+
+
+def log_rows(predictor: Predictor, files: list[Path], repeats: int) -> list[tuple[str, int, float]]:
+    """The same files decoded and scored without and with the prediction log (a SQLite file, inputs kept)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = LogSettings(f"sqlite:///{tmp}/predictions.db", Path(tmp) / "review", True, 0.02, 2**30)
+        log = PredictionLog(settings, "predict", "benchmark")
+        for batch in BATCHES:
+            rows.append(("decode + PyTorch, no log", batch, recorded_ms_per_image(predictor, files, batch, repeats)))
+            rows.append(("decode + PyTorch + log", batch, recorded_ms_per_image(predictor, files, batch, repeats, log)))
+        print(f"log: {log.counts}")
+    return rows
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def serve(category: str, threads: int, port: int) -> subprocess.Popen:
+def serve(category: str, threads: int, port: int, log: str = "off") -> subprocess.Popen:
+    """The champion behind ``mlflow models serve``; ``log``: its prediction log URL, or off."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # its workers call mlflow
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PATH": path}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PATH": path, "ADPS_PREDICTION_LOG": log}
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/adps-{category}@champion",
          "--env-manager", "local",
@@ -131,14 +169,18 @@ def main() -> None:
     for batch in BATCHES:
         rows.append(("PyTorch eager", batch, model_ms_per_image(torch_predictor, images, batch, args.repeats)))
         rows.append(("ONNX Runtime", batch, model_ms_per_image(onnx_model, images, batch, args.repeats)))
+    rows += log_rows(torch_predictor, files, args.repeats)
     if not args.skip_rest:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", paths.absolute_sqlite_url(params.tracking.uri))
-        server = serve(args.category, args.threads, port := free_port())
-        try:
-            for batch in BATCHES:
-                rows.append(("REST (mlflow models serve)", batch, rest_ms_per_image(port, files, batch, args.repeats)))
-        finally:
-            os.killpg(server.pid, signal.SIGKILL)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", paths.absolute_sqlite_url(params.tracking.uri, params.root))
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, log in (("REST, log off", "off"), ("REST + log", f"sqlite:///{tmp}/predictions.db")):
+                os.environ["ADPS_REVIEW_DIR"] = str(Path(tmp) / "review")
+                server = serve(args.category, args.threads, port := free_port(), log)
+                try:
+                    for batch in BATCHES:
+                        rows.append((name, batch, rest_ms_per_image(port, files, batch, args.repeats)))
+                finally:
+                    os.killpg(server.pid, signal.SIGKILL)
     geometry = torch_predictor.geometry
     shown = f"{len(files)} test images, input {geometry.size} ({geometry.resolution}), {args.threads} threads"
     print(f"{args.category}, {shown}\n")

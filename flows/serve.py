@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events import DeploymentEventTrigger
 
 from adps.config import load_params, params_path_or_project
@@ -24,6 +25,9 @@ DRIFT_TRIGGER = DeploymentEventTrigger(
     expect={DRIFT_EVENT},
     match={"prefect.resource.id": RESOURCE_PREFIX + "*"},
 )
+# One nightly run at a time: a run started while one is going (drift events of several categories, or an
+# event during the scheduled run) is cancelled, not queued: the running one imports and trains what is there.
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
 
 def deployments(params_path: str):
@@ -35,6 +39,7 @@ def deployments(params_path: str):
             parameters={"params_path": params_path},
             description="Nightly ADPS pipeline: import new images, retrain what changed, evaluate and register it",
             triggers=[DRIFT_TRIGGER],
+            concurrency_limit=ONE_AT_A_TIME,
         ),
         adps_monitor.to_deployment(
             name="watch",

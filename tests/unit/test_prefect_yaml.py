@@ -22,3 +22,6 @@ def test_prefect_yaml_matches_the_served_deployments():
         assert crons == [s.schedule.cron for s in deployment.schedules or []]
         triggers = [(t["name"], set(t["expect"]), t["match"]) for t in entry.get("triggers", [])]
         assert triggers == [(t.name, set(t.expect), t.match.model_dump()) for t in deployment.triggers]
+        options = deployment.concurrency_options
+        limit = options and {"limit": deployment.concurrency_limit, "collision_strategy": options.collision_strategy}
+        assert entry.get("concurrency_limit") == limit

@@ -52,12 +52,15 @@ def test_every_program_is_installed_or_a_shell_builtin():
 def test_adps_commands_and_options_exist():
     cli = typer.main.get_command(app)
     for argv in (a for a in all_commands() if a[0] == "adps"):
-        command = cli.get_command(None, argv[1])  # type: ignore[attr-defined]
-        assert command is not None, f"no command adps {argv[1]}"
+        command, words = cli, 1
+        while hasattr(command, "get_command"):  # a group (adps, adps review): the next word names its command
+            command = command.get_command(None, argv[words])  # type: ignore[attr-defined]
+            assert command is not None, f"no command adps {' '.join(argv[1 : words + 1])}"
+            words += 1
         known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
-        for arg in argv[2:]:
+        for arg in argv[words:]:
             if arg.startswith("-"):
-                assert arg.split("=")[0] in known, f"adps {argv[1]} has no option {arg}"
+                assert arg.split("=")[0] in known, f"adps {' '.join(argv[1:words])} has no option {arg}"
 
 
 def test_dvc_set_params_name_real_keys():
