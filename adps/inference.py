@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,8 +83,8 @@ class TorchEngine:
         self.model = model.to(self.device).eval().set_scoring(**score)
         self.geometry = input_geometry(spec)
         self.normalize = Normalizer(spec["normalize_mean"], spec["normalize_std"])
-        self.teacher_out: list[torch.Tensor] = []
-        self.model.teacher.register_forward_hook(lambda _module, _input, out: self.teacher_out.append(out[-1]))
+        self.teacher_out = threading.local()  # per thread: a server may run requests in several threads at once
+        self.model.teacher.register_forward_hook(lambda _m, _input, out: setattr(self.teacher_out, "last", out[-1]))
 
     def to(self, device: str) -> None:
         self.device = resolve_device(device)
@@ -94,10 +95,10 @@ class TorchEngine:
         """Images of one size (H, W, 3) in [0, 1] -> maps (N, H, W), scores (N,) and the teacher's deepest
         level averaged over positions (N, C), read off the same forward pass (the drift monitor's features)."""
         batch = torch.stack([self.normalize(img) for img in images]).to(self.device)
-        self.teacher_out.clear()
+        self.teacher_out.last = None
         out = self.model(batch)
-        pooled = self.teacher_out[-1].mean(dim=(2, 3)).cpu().numpy() if self.teacher_out else None
-        self.teacher_out.clear()
+        teacher = self.teacher_out.last
+        pooled = None if teacher is None else teacher.mean(dim=(2, 3)).cpu().numpy()
         return out.anomaly_map[:, 0].cpu().numpy(), out.image_score.cpu().numpy(), pooled
 
 

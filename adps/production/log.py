@@ -179,11 +179,12 @@ class PredictionLog:
         if not self.enabled:
             return
         for result, source in zip(results, sources, strict=True):
-            item = self.pending_row(result, source, thresholds)
             try:
-                self.pending.put_nowait(item)
+                self.pending.put_nowait(self.pending_row(result, source, thresholds))
             except queue.Full:
                 self.count_lost(1, "the log writer is behind (production.max_pending rows waiting)")
+            except Exception as err:  # a row that cannot be made never fails the prediction it records
+                self.count_lost(1, f"{type(err).__name__} while recording {result.path}: {err}")
         self.start_writer()
 
     def pending_row(self, result: Any, source: Any, thresholds: dict[str, Any]) -> Pending:
