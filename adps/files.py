@@ -31,6 +31,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tree_digest(folder: Path) -> str:
+    """sha256 over every file's path (relative to ``folder``) and content: "" for a missing folder."""
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0{file_sha256(path)}\0".encode())
+    return digest.hexdigest()
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -13,6 +13,7 @@ the others go on. ``force=True`` runs every stage.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -25,7 +26,7 @@ from prefect.states import Completed
 from adps import paths, stages
 from adps.config import Params, load_params, params_path_or_project
 from adps.errors import AdpsError, ValidationFailed
-from adps.files import exclusive_lock
+from adps.files import exclusive_lock, file_sha256, tree_digest
 from flows import versioning
 from flows.cluster import category_runner
 
@@ -187,6 +188,7 @@ def adps_pipeline(params_path: str | None = None, force: bool = False) -> list[d
 def run_pipeline(params: Params, params_path: str, force: bool) -> list[dict[str, Any]]:
     """The body of :func:`adps_pipeline`, run while it holds the project's pipeline lock."""
     logger = get_run_logger()
+    before = inputs_digest(params, params_path)
     prepared = prepare_task(params_path, force=force, return_state=True)
     prepared.result()  # a failed import stops the run before any category
     with category_runner(params) as runner:
@@ -196,12 +198,35 @@ def run_pipeline(params: Params, params_path: str, force: bool) -> list[dict[str
         key="adps-metrics", table=rows, description="What happened to each category, its test metrics and model version"
     )
     executed = ["prepare"] * (prepared.name != UNCHANGED) + [t for result in results.values() for t in result["ran"]]
-    dvc_commit_task(params_path, executed)
+    dvc_commit_task(params_path, committable(executed, before, inputs_digest(params, params_path), logger))
     problems = [r for r in rows if r["status"] in ("held back",) or r["status"].startswith("failed")]
     if problems:
         raise AdpsError("; ".join(problem_text(r) for r in problems))
     logger.info("pipeline done: %s", ", ".join(f"{r['category']} {r['status']}" for r in rows))
     return rows
+
+
+def inputs_digest(params: Params, params_path: str) -> dict[str, str]:
+    """What a run reads from outside the pipeline and may change while it runs: the images arriving in
+    ``data.import_path`` (new data, ``adps review`` verdicts) and the params file."""
+    return {"import": tree_digest(paths.import_dir(params)), "params": file_sha256(Path(params_path))}
+
+
+def committable(executed: list[str], before: dict[str, str], after: dict[str, str], logger: Any) -> list[str]:
+    """The executed stages whose inputs did not change while they ran, for ``dvc commit``.
+
+    ``dvc commit`` records the dependencies as they are at commit time: images that arrived in the import
+    folder after ``prepare`` read it would be recorded as imported and never be. So ``prepare`` is left
+    uncommitted (stale: the next run imports them); a params file edited during the run leaves every
+    stage uncommitted (the next run redoes what it changed).
+    """
+    if after["params"] != before["params"]:
+        logger.warning("the params file changed during the run: nothing committed to DVC; the next run redoes it")
+        return []
+    if after["import"] != before["import"]:
+        logger.warning("new images arrived during the run: prepare left stale, the next run imports them")
+        return [target for target in executed if target != "prepare"]
+    return executed
 
 
 def problem_text(row: dict[str, Any]) -> str:
