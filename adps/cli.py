@@ -321,9 +321,10 @@ app.add_typer(review_app, name="review")
 
 
 def review_queue(params: Params):
+    from adps.production.log import log_settings
     from adps.production.review import ReviewQueue
 
-    return ReviewQueue(Path(os.environ.get("ADPS_REVIEW_DIR") or params.root / params.production.review_dir))
+    return ReviewQueue(log_settings(params).review_dir)  # the folder the log keeps inputs in
 
 
 @review_app.command("list")
@@ -359,7 +360,12 @@ def give_verdict(ids: list[str], verdict: str, params_path: Path | None, mask: P
             raise AdpsError("--mask belongs to one image: give one id with it")
         folder = params.data.folder
         incoming = IncomingFolders(
-            paths.import_dir(params), folder.normal, folder.anomalous, folder.masks, folder.mask_suffix
+            paths.import_dir(params),
+            folder.normal,
+            folder.anomalous,
+            folder.masks,
+            folder.mask_suffix,
+            params.validation.min_side,
         )
         queue = review_queue(params)
         for item_id in ids:

@@ -10,7 +10,7 @@ the nightly deployment's trigger (prefect.yaml, flows/serve.py) answers by start
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -30,6 +30,22 @@ RESOURCE_PREFIX = "adps.category."
 @task(name="monitor", task_run_name="monitor@{category}", cache_policy=NO_CACHE)
 def monitor_task(params_path: str, category: str, since: datetime, until: datetime) -> dict[str, Any]:
     return monitor_category(load_params(params_path), category, since, until)
+
+
+def window_bounds(until: str | None, hours: float) -> tuple[datetime, datetime]:
+    """The window ``[until - hours, until)`` in UTC without a zone, as the log stamps rows; ``until`` is an ISO
+    time (a zone offset is converted; none means UTC), default now."""
+    if hours <= 0:
+        raise AdpsError(f"the window must be positive: hours={hours}")
+    try:
+        end = datetime.fromisoformat(until) if until else None
+    except ValueError:
+        raise AdpsError(f"until={until!r} is not an ISO time such as 2026-12-01T10:00:00 (UTC) or ...+02:00") from None
+    if end is None:
+        end = utc_now()
+    elif end.tzinfo is not None:
+        end = end.astimezone(UTC).replace(tzinfo=None)
+    return end - timedelta(hours=hours), end
 
 
 def report_row(report: dict[str, Any]) -> dict[str, Any]:
@@ -87,14 +103,13 @@ def adps_monitor(params_path: str | None = None, hours: float | None = None, unt
     """
     params_path = str(params_path_or_project(params_path).resolve())
     params = load_params(params_path)
-    end = datetime.fromisoformat(until).replace(tzinfo=None) if until else utc_now()
-    start = end - timedelta(hours=hours or params.monitor.window_hours)
+    start, end = window_bounds(until, hours or params.monitor.window_hours)
     futures = {c: monitor_task.submit(params_path, c, start, end) for c in params.data.categories}
     reports = []
     for category, future in futures.items():
         try:
             reports.append(future.result())
-        except AdpsError as err:
+        except Exception as err:  # one category's problem (its reference, the store) never hides the others
             get_run_logger().warning("%s: not monitored: %s", category, err)
             reports.append({"category": category, "status": f"not monitored: {err}", "alarms": []})
     rows = [report_row(r) for r in reports]

@@ -214,7 +214,7 @@ def latest_version_page(params, category: str) -> tuple[str, dict]:
 
     client = connect(params, create=False)
     versions = client.search_model_versions(f"name='adps-{category}'")
-    latest = max(versions, key=lambda v: int(v.version))
+    latest = client.get_model_version(f"adps-{category}", str(max(int(v.version) for v in versions)))
     return latest.description or "", {"version": latest.version, **latest.tags, "aliases": latest.aliases}
 
 
@@ -233,12 +233,19 @@ def screenshots(folder: Path, category: str, params) -> None:
         print("no chromium: screenshots skipped")
         return
     folder.mkdir(parents=True, exist_ok=True)
+    import mlflow
+
+    from adps.tracking import connect
+
+    client = connect(params, create=False)
+    monitor = mlflow.get_experiment_by_name(params.tracking.experiment + "-monitor")
+    version = max(int(v.version) for v in client.search_model_versions(f"name='adps-{category}'"))
     pages = {
         "prefect-runs.png": "http://127.0.0.1:4200/runs",
-        "prefect-artifacts.png": "http://127.0.0.1:4200/artifacts",
+        "prefect-drift-table.png": "http://127.0.0.1:4200/artifacts/key/adps-drift",
         "prefect-automations.png": "http://127.0.0.1:4200/automations",
-        "mlflow-monitor.png": "http://127.0.0.1:5000/#/experiments",
-        "mlflow-version.png": f"http://127.0.0.1:5000/#/models/adps-{category}",
+        "mlflow-monitor-charts.png": f"http://127.0.0.1:5000/#/experiments/{monitor.experiment_id}?compareRunsMode=CHART",
+        "mlflow-version.png": f"http://127.0.0.1:5000/#/models/adps-{category}/versions/{version}",
     }
     for name, url in pages.items():
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

@@ -34,6 +34,7 @@ LOG_ENV, REVIEW_ENV = "ADPS_PREDICTION_LOG", "ADPS_REVIEW_DIR"
 OFF = ("", "off", "none", "null")
 BATCH_ROWS = 256  # rows written in one transaction
 WARN_EVERY_S = 30.0  # a store that stays down is reported at most this often
+FLUSH_TIMEOUT_S = 5.0  # the most `adps predict` (or a process exiting) waits for the store at the end
 
 metadata = sa.MetaData()
 predictions_table = sa.Table(
@@ -79,8 +80,8 @@ class LogSettings:
 def log_settings(params: Params) -> LogSettings:
     """The project's settings; ``ADPS_PREDICTION_LOG`` (a URL, or ``off``) and ``ADPS_REVIEW_DIR`` override."""
     prod = params.production
-    url = os.environ.get(LOG_ENV, prod.log or "")
-    review = os.environ.get(REVIEW_ENV) or params.root / prod.review_dir
+    url = os.environ.get(LOG_ENV, prod.log or "").strip()
+    review = params.root / (os.environ.get(REVIEW_ENV) or prod.review_dir)  # relative: to the project root
     return LogSettings(
         url=None if url.lower() in OFF else paths.sqlalchemy_url(url, params.root),
         review_dir=Path(review),
@@ -97,7 +98,7 @@ def settings_where_served() -> LogSettings:
     found = find_params()
     if found is not None:
         return log_settings(load_params(found))
-    url = os.environ.get(LOG_ENV, "")
+    url = os.environ.get(LOG_ENV, "").strip()
     review = os.environ.get(REVIEW_ENV)
     return LogSettings(None if url.lower() in OFF else paths.sqlalchemy_url(url, Path.cwd()), review and Path(review))
 
@@ -105,7 +106,7 @@ def settings_where_served() -> LogSettings:
 def open_store(url: str) -> sa.Engine:
     """An engine on the log's database, its table created (several processes may race to create it)."""
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        engine = sa.create_engine(url, connect_args={"timeout": 10})
         sa.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
     else:
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
@@ -168,6 +169,7 @@ class PredictionLog:
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
         self.last_warning = 0.0
+        self.counted_waiting = 0  # rows a flush gave up on (counted lost; a late write counts them again)
         atexit.register(self.close)
 
     @property
@@ -248,6 +250,13 @@ class PredictionLog:
         try:
             if self.engine is None:
                 self.engine = open_store(self.settings.url)
+        except (ValueError, sa.exc.ArgumentError):  # its message may quote the URL, password included
+            self.count_lost(len(batch), "production.log is not a database URL SQLAlchemy can read")
+            return
+        except Exception as err:  # a store that is down: the predictions were answered, the rows lost
+            self.count_lost(len(batch), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            return
+        try:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(predictions_table), [item.row for item in batch])
             self.counts["logged"] += len(batch)
@@ -289,23 +298,28 @@ class PredictionLog:
                 why,
             )
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued row is written or lost (at most ``timeout`` seconds); True when none is left."""
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait until every queued row is written or lost, at most ``timeout`` seconds; rows still waiting then
+        (a store that hangs) are counted as lost. True when none was left."""
         deadline = time.monotonic() + timeout
         while self.pending.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.02)
-        return not self.pending.unfinished_tasks
+        waiting = self.pending.unfinished_tasks - self.counted_waiting
+        if waiting > 0:
+            self.counted_waiting += waiting
+            self.count_lost(waiting, f"the store did not take them within {timeout:.0f} s")
+        return waiting <= 0
 
     def close(self) -> None:
-        if self.enabled and self.thread is not None:
-            self.flush(5.0)
+        if self.enabled and self.thread is not None and self.pending.unfinished_tasks > self.counted_waiting:
+            self.flush()
 
 
 def safe_url(url: str | None) -> str:
     """The URL without its password, for messages."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True) if url else "(off)"
-    except sa.exc.ArgumentError:
+    except Exception:  # any URL the parser chokes on (a port that is not a number...)
         return "(unparsable URL)"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
 from adps.files import write_atomically, write_text_atomically
 from adps.model.network import at_size
 
+logger = logging.getLogger(__name__)
 REVIEWED_PREFIX = "reviewed-"  # name prefix of every image a verdict brought into the incoming folder
 VERDICTS = ("good", "defect")
 LEDGER = "verdicts.csv"
@@ -52,6 +54,7 @@ class IncomingFolders:
     anomalous: str = "anomalous"
     masks: str = "masks"
     mask_suffix: str = "_mask"
+    min_side: int = 32  # validation.min_side: a smaller image would hold its category back
 
 
 def image_suffix(data: bytes | None, path: Path | None) -> str:
@@ -88,9 +91,11 @@ class ReviewQueue:
         if folder_bytes(self.root) + len(content) > max_bytes:
             return ""
         stamp = row["time"].strftime("%Y%m%d-%H%M%S")
-        item_id = f"{stamp}-{(row['input_sha256'] or '0' * 12)[:12]}"
-        folder = self.root / (row["category"] or "unknown")
+        folder = self.root / safe_category(row["category"])
         folder.mkdir(parents=True, exist_ok=True)
+        item_id, n = f"{stamp}-{(row['input_sha256'] or '0' * 12)[:12]}", 1
+        while (folder / f"{item_id}.json").exists() or any(folder.glob(f"{item_id}.*")):  # the same input twice
+            item_id, n = f"{stamp}-{(row['input_sha256'] or '0' * 12)[:12]}-{n}", n + 1
         write_atomically(folder / f"{item_id}{image_suffix(data, path)}", lambda tmp: tmp.write_bytes(content))
         shown = at_size(torch.from_numpy(anomaly_map), image.shape[:2]).numpy()
         caption = f"{row['input_name']} score={row['score']:.3f} ({reason})"
@@ -107,7 +112,13 @@ class ReviewQueue:
         folders = [self.root / category] if category else sorted(p for p in self.root.iterdir() if p.is_dir())
         found = []
         for record_file in sorted(f for folder in folders if folder.is_dir() for f in folder.glob("*.json")):
-            item = json.loads(record_file.read_text())
+            try:
+                item = json.loads(record_file.read_text())
+                if not isinstance(item, dict) or not {"id", "category", "width", "height"} <= item.keys():
+                    raise ValueError("no id, category or size")
+            except (ValueError, OSError) as err:
+                logger.warning("%s is not a review item (%s): left alone", record_file, err)
+                continue
             images = [
                 p
                 for p in record_file.parent.glob(f"{item['id']}.*")
@@ -134,17 +145,27 @@ class ReviewQueue:
         if mask is not None and verdict != "defect":
             raise AdpsError(f"a mask marks a defect: give --mask with the verdict defect, not {verdict}")
         image = Path(item["image"])
-        folder = incoming.root / item["category"]
+        if min(item["width"], item["height"]) < incoming.min_side:
+            raise AdpsError(
+                f"{item['id']} is {item['width']} x {item['height']} px, below validation.min_side "
+                f"{incoming.min_side}: the dataset would refuse it; delete {image} instead"
+            )
+        if mask is not None:
+            check_mask(mask, (item["width"], item["height"]))
+        folder = incoming.root / safe_category(item["category"])
         name = f"{REVIEWED_PREFIX}{item['id']}{image.suffix}"
         target = folder / (incoming.normal if verdict == "good" else incoming.anomalous) / name
         mask_target = None
-        if mask is not None:
-            check_mask(mask, (item["width"], item["height"]))
-            mask_target = folder / incoming.masks / f"{REVIEWED_PREFIX}{item['id']}{incoming.mask_suffix}{mask.suffix}"
-            mask_target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(mask, mask_target)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(image, target)
+        if mask is not None:
+            mask_target = folder / incoming.masks / f"{REVIEWED_PREFIX}{item['id']}{incoming.mask_suffix}{mask.suffix}"
+            mask_target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(mask, mask_target)
+            except OSError:
+                shutil.move(target, image)  # put the image back: no half verdict
+                raise
         for leftover in (image.with_name(f"{item['id']}.heatmap.png"), image.with_name(f"{item['id']}.json")):
             leftover.unlink(missing_ok=True)
         entry = {
@@ -174,15 +195,28 @@ class ReviewQueue:
 
 
 def check_mask(mask: Path, size: tuple[int, int]) -> None:
-    """A mask must be an image file of the input's own size (width, height)."""
-    if mask.suffix.lower() not in IMAGE_SUFFIXES:
+    """A mask must pass what dataset validation will check: an image file of the input's own size
+    (width, height), binary (a JPEG's grey edges are not) and marking at least one pixel."""
+    from adps.data.validation import read_mask_facts
+
+    if mask.suffix.lower() not in IMAGE_SUFFIXES or not mask.is_file():
         raise AdpsError(f"mask {mask}: not an image file of a supported format ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    try:
+    facts = read_mask_facts(mask, tuple(size), True)
+    if not facts["mask_decodes"]:
+        raise AdpsError(f"mask {mask} cannot be read ({facts['mask_error']}): give a PNG, white where the defect is")
+    if not facts["mask_size_matches"]:
         with Image.open(mask) as opened:
-            opened.load()
             found = opened.size
-    except (OSError, Image.DecompressionBombError) as err:
-        raise AdpsError(f"mask {mask} cannot be read ({err}): give a PNG, white where the defect is") from None
-    if found != tuple(size):
         sizes = f"{found[0]} x {found[1]} px, the image {size[0]} x {size[1]}"
         raise AdpsError(f"mask {mask} is {sizes}: draw it at the image's size")
+    if not facts["mask_binary"]:
+        raise AdpsError(f"mask {mask} is not binary (two values; a JPEG's edges are grey): save it as a PNG, 0 and 255")
+    if not facts["mask_nonempty"]:
+        raise AdpsError(f"mask {mask} marks no pixel: mark the defect, or give the verdict without --mask")
+
+
+def safe_category(category: str | None) -> str:
+    """A category as a folder name: a name with path characters (from a model's thresholds.json) is refused
+    into ``unknown``, so nothing is written outside the review folder."""
+    name = category or "unknown"
+    return name if name not in ("", ".", "..") and "/" not in name and "\\" not in name else "unknown"

@@ -33,18 +33,22 @@ def champion_reference(params: Params, category: str) -> tuple[dict[str, Any], s
     client = connect(params, create=False)
     try:
         version = client.get_model_version_by_alias(model_name(category), CHAMPION)
-        uri = f"{version.source}/artifacts/model_dir/{paths.REFERENCE_FILE}"
+        location = client.get_logged_model(version.model_id).artifact_location
+        uri = f"{location}/artifacts/model_dir/{paths.REFERENCE_FILE}"
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
         return json.loads(Path(local).read_text()), f"champion version {version.version}"
-    except (MlflowException, OSError) as err:
+    except (MlflowException, OSError, ValueError) as err:
         fallback = paths.reference_file(params, category)
         if not fallback.is_file():
             raise AdpsError(
                 f"{category}: no champion reference in the registry ({type(err).__name__}) and no {fallback}: "
                 f"run `adps evaluate -c {category}` and `adps register -c {category}` (or dvc repro)"
             ) from err
-        logger.warning("%s: no champion reference in the registry; using %s", category, fallback)
-        return json.loads(fallback.read_text()), f"local {paths.in_project(params, fallback)}"
+        logger.warning("%s: no champion reference in the registry (%s); using %s", category, err, fallback)
+        try:
+            return json.loads(fallback.read_text()), f"local {paths.in_project(params, fallback)}"
+        except ValueError as bad:
+            raise AdpsError(f"{fallback} is not a reference ({bad}): run `adps evaluate -c {category}`") from bad
 
 
 def monitor_category(params: Params, category: str, since: datetime, until: datetime) -> dict[str, Any]:

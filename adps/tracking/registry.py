@@ -277,7 +277,7 @@ def log_and_register(params: Params, category: str) -> dict[str, Any]:
         **git_tags(params.root),
     }
     changes = what_changed(client, name, manifest, logged_params(params), tags["git_commit"])
-    changes.append(reviewed_line(manifest))
+    changes += ["", reviewed_line(manifest)]
     compared = compare_with_champion(client, params, category, metrics, tags)  # before any promotion
     description = version_description(params, category, metrics, tags, changes, compared)
     with mlflow.start_run(run_name=f"{category}", tags={**tags, "mlflow.note.content": description}) as run:

@@ -141,6 +141,11 @@ def test_a_drifted_stream_starts_the_nightly_run_early_and_a_normal_one_does_not
         dark = darker(fresh, tmp_path / "dark", 0.5)[0].parent
         run(["adps", "predict", "-m", "models/washer", "-i", str(dark), "-o", str(tmp_path / "o2")], root, env)
         assert "washer: drift: " in monitor(root, env, since)
+        engine = sa.create_engine(f"sqlite:///{root / 'mlflow.db'}")
+        with engine.connect() as conn:  # the monitor read the reference registered with the champion
+            models = conn.execute(sa.text("select value from tags where key = 'model'")).scalars().all()
+        engine.dispose()
+        assert models == ["champion version 1", "champion version 1"]
         deadline = time.monotonic() + 90
         while not (runs := early_nightly_runs(base)) and time.monotonic() < deadline:
             time.sleep(1)

@@ -7,6 +7,8 @@ wait in the review queue with their heatmaps; a verdict moves an image where ``p
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -88,8 +90,12 @@ def test_every_prediction_is_one_row_with_its_input_decision_and_features(images
 
 @pytest.mark.parametrize(
     "url",
-    ["sqlite:////nonexistent-folder/predictions.db", "postgresql+psycopg://adps@127.0.0.1:{port}/adps"],
-    ids=["sqlite-folder-missing", "postgres-not-running"],
+    [
+        "sqlite:////nonexistent-folder/predictions.db",
+        "postgresql+psycopg://adps@127.0.0.1:{port}/adps",
+        "postgresql://bob:p@ss:w0rd@127.0.0.1:1/db",  # a password with ':' and '@': the URL does not parse
+    ],
+    ids=["sqlite-folder-missing", "postgres-not-running", "url-that-does-not-parse"],
 )
 def test_a_store_that_is_down_loses_rows_not_predictions(images, tmp_path, url, caplog):
     predictor = untrained_predictor()
@@ -103,6 +109,21 @@ def test_a_store_that_is_down_loses_rows_not_predictions(images, tmp_path, url, 
     assert summary["n_images"] == 7 and (tmp_path / "out/predictions.csv").is_file()
     assert log.flush(30) and log.counts["logged"] == 0 and log.counts["lost"] == 14
     assert "rows not recorded" in caplog.text and "the predictions were answered" in caplog.text
+    assert "w0rd" not in caplog.text and "p@ss" not in caplog.text
+
+
+def test_a_store_that_hangs_delays_predict_by_the_flush_timeout_at_most(images, tmp_path, caplog):
+    """A server that accepts connections and never answers: the rows are counted lost after 5 s."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql+psycopg://adps@127.0.0.1:{silent.getsockname()[1]}/adps"
+        log = PredictionLog(settings(tmp_path, url), "predict", "models/washer")
+        started = time.perf_counter()
+        summary = predict_to_folder(untrained_predictor(), images, tmp_path / "out", log=log)
+        assert time.perf_counter() - started < 20 and summary["n_images"] == 7
+        assert summary["log"]["logged"] == 0 and summary["log"]["lost"] == 7
+        assert "did not take them within 5 s" in caplog.text
 
 
 def test_the_review_queue_stops_at_its_size_cap(images, tmp_path):
@@ -134,6 +155,16 @@ def test_verdicts_move_images_where_prepare_imports_them(project, images):
 
     with pytest.raises(AdpsError, match=r"is 32 x 32 px, the image 64 x 64"):
         queue.judge(ids[0], "defect", incoming, mask_for(project / "small.png", (32, 32)))
+    jpeg = project / "mask.jpg"
+    Image.open(mask_for(project / "m.png", (64, 64))).save(jpeg, quality=75)  # grey edges: not binary
+    with pytest.raises(AdpsError, match="is not binary"):
+        queue.judge(ids[0], "defect", incoming, jpeg)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(project / "empty.png")
+    with pytest.raises(AdpsError, match="marks no pixel"):
+        queue.judge(ids[0], "defect", incoming, project / "empty.png")
+    with pytest.raises(AdpsError, match="below validation.min_side 100"):
+        queue.judge(ids[0], "good", IncomingFolders(project / "data/incoming", min_side=100))
+    (project / "review/washer/stray.json").write_text("{broken")
     with pytest.raises(AdpsError, match="no item with id 'nope'"):
         queue.judge("nope", "good", incoming)
     assert len(queue.items()) == 6  # nothing moved by a refused verdict
@@ -143,6 +174,7 @@ def test_verdicts_move_images_where_prepare_imports_them(project, images):
     for item_id in ids[2:]:
         queue.judge(item_id, "good", incoming)
     assert queue.items() == [] and len((project / "review/verdicts.csv").read_text().splitlines()) == 7
+    assert not list((project / "data/incoming/washer/masks").glob("*.jpg"))  # refused verdicts left nothing
 
     stages.prepare(params)
     samples = layout.build_sample_index(project / "data/synthetic/washer", "washer")
@@ -161,3 +193,20 @@ def test_verdicts_move_images_where_prepare_imports_them(project, images):
     assert reviewed_line(data_manifest(params, "washer")) == (
         f"**Reviewed images**: 6 images judged with `adps review` are in this version's data ({where})."
     )
+
+
+def test_the_same_input_twice_and_a_category_with_path_characters(tmp_path):
+    """Two copies of one input in the same second are two items; a category from a model's thresholds.json
+    that is a path lands in ``unknown`` inside the queue, never outside it."""
+    from datetime import datetime
+
+    queue = ReviewQueue(tmp_path / "review")
+    row = {"time": datetime(2026, 12, 1, 10, 0, 0), "input_sha256": "ab" * 32, "category": "washer",
+           "input_name": "x.png", "score": 0.9, "width": 64, "height": 64}  # fmt: skip
+    image, anomaly_map = np.zeros((64, 64, 3), np.float32), np.zeros((64, 64), np.float32)
+    png = mask_for(tmp_path / "x.png", (64, 64)).read_bytes()
+    first, second = (queue.add(row, "flagged", png, None, image, anomaly_map, 0.5, 2**30) for _ in range(2))
+    assert first == "20261201-100000-abababababab" and second == first + "-1"
+    elsewhere = queue.add(row | {"category": "../../evil"}, "flagged", png, None, image, anomaly_map, 0.5, 2**30)
+    assert (tmp_path / "review/unknown" / f"{elsewhere}.json").is_file() and not (tmp_path / "evil").exists()
+    assert json.loads((tmp_path / "review/washer" / f"{second}.json").read_text())["reason"] == "flagged"
