@@ -33,7 +33,8 @@ def champion_reference(params: Params, category: str) -> tuple[dict[str, Any], s
     client = connect(params, create=False)
     try:
         version = client.get_model_version_by_alias(model_name(category), CHAMPION)
-        location = client.get_logged_model(version.model_id).artifact_location
+        model_id = version.model_id or version.source.removeprefix("models:/")  # registered from models:/m-<id>
+        location = client.get_logged_model(model_id).artifact_location
         uri = f"{location}/artifacts/model_dir/{paths.REFERENCE_FILE}"
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
         return json.loads(Path(local).read_text()), f"champion version {version.version}"
