@@ -226,6 +226,14 @@ def markdown_table(rows: list[dict]) -> str:
     return head + "\n".join("| " + " | ".join(cell(v) for v in r.values()) + " |" for r in rows) + "\n"
 
 
+def latest_artifact(key: str, api: str = "http://127.0.0.1:4200/api") -> str:
+    body = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
+    request = urllib.request.Request(f"{api}/artifacts/filter", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)[0]["id"]
+
+
 def screenshots(folder: Path, category: str, params) -> None:
     """Headless chromium pictures of the pages a person looks at (Prefect and MLflow UIs of ``make up``)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -242,9 +250,9 @@ def screenshots(folder: Path, category: str, params) -> None:
     version = max(int(v.version) for v in client.search_model_versions(f"name='adps-{category}'"))
     pages = {
         "prefect-runs.png": "http://127.0.0.1:4200/runs",
-        "prefect-drift-table.png": "http://127.0.0.1:4200/artifacts/key/adps-drift",
+        "prefect-drift-table.png": f"http://127.0.0.1:4200/artifacts/artifact/{latest_artifact('adps-drift-report')}",
         "prefect-automations.png": "http://127.0.0.1:4200/automations",
-        "mlflow-monitor-charts.png": f"http://127.0.0.1:5000/#/experiments/{monitor.experiment_id}?compareRunsMode=CHART",
+        "mlflow-monitor-charts.png": f"http://127.0.0.1:5000/#/experiments/{monitor.experiment_id}/runs?compareRunsMode=CHART",
         "mlflow-version.png": f"http://127.0.0.1:5000/#/models/adps-{category}/versions/{version}",
     }
     for name, url in pages.items():
