@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -93,9 +94,11 @@ class ReviewQueue:
         stamp = row["time"].strftime("%Y%m%d-%H%M%S")
         folder = self.root / safe_category(row["category"])
         folder.mkdir(parents=True, exist_ok=True)
-        item_id, n = f"{stamp}-{(row['input_sha256'] or '0' * 12)[:12]}", 1
-        while (folder / f"{item_id}.json").exists() or any(folder.glob(f"{item_id}.*")):  # the same input twice
-            item_id, n = f"{stamp}-{(row['input_sha256'] or '0' * 12)[:12]}-{n}", n + 1
+        item_id = base = f"{stamp}-{(row['input_sha256'] or '0' * 12)[:12]}"
+        for n in itertools.count(1):  # the same input twice in one second: a second item, never an overwrite
+            if not any(folder.glob(f"{item_id}.*")):
+                break
+            item_id = f"{base}-{n}"
         write_atomically(folder / f"{item_id}{image_suffix(data, path)}", lambda tmp: tmp.write_bytes(content))
         shown = at_size(torch.from_numpy(anomaly_map), image.shape[:2]).numpy()
         caption = f"{row['input_name']} score={row['score']:.3f} ({reason})"
