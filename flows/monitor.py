@@ -63,7 +63,7 @@ def report_row(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def drift_markdown(rows: list[dict[str, Any]], since: datetime, until: datetime) -> str:
-    lines = [f"# Drift, {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC", ""]
+    lines = [f"# Drift, {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC", ""]
     for row in rows:
         lines += [f"## {row['category']}: {row['status']}", f"{row['predictions']} predictions ({row['model']})", ""]
         lines += [f"- **{k}**: {v}" for k, v in row.items() if k not in ("category", "status", "model", "predictions")]
