@@ -86,11 +86,6 @@ def reference_file(params: Params, category: str) -> Path:
     return model_dir(params, category) / REFERENCE_FILE
 
 
-def review_dir(params: Params) -> Path:
-    """``production.review_dir``: inputs kept for review, per category."""
-    return params.root / params.production.review_dir
-
-
 def onnx_file(params: Params, category: str) -> Path:
     """``models/<category>/model.onnx``: the whole inference path for ONNX Runtime (``adps export``)."""
     return model_dir(params, category) / ONNX_FILE

@@ -40,7 +40,7 @@ from PIL import Image
 
 from adps.config import load_params, params_path_or_project
 from adps.data.embedded import blob, generate_image, image_rng
-from adps.production.log import utc_now
+from adps.production.log import log_settings, utc_now
 from adps.production.review import ReviewQueue
 
 PHASES = (  # (name, windows, what the line does)
@@ -171,7 +171,7 @@ def monitor_rows(params, category: str, windows: list[Window]) -> list[dict]:
 def review(params, category: str, windows: list[Window], env: dict[str, str]) -> dict[str, int]:
     """The verdicts a person would give, from the truth the demo knows."""
     truth = {sha: defect for w in windows for sha, defect in w.truth.items()}
-    queue = ReviewQueue(params.root / params.production.review_dir)
+    queue = ReviewQueue(log_settings(params).review_dir)  # where the served model kept them
     counts = {"defect": 0, "good": 0, "unknown": 0}
     for item in queue.items(category):
         defect = truth.get(item["input_sha256"])
