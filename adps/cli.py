@@ -14,12 +14,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adps import paths, stages
 from adps.config import Params, find_params, load_params
 from adps.errors import AdpsError, ValidationFailed
-from adps.inference import Predictor, predict_to_folder
+from adps.files import finite_json, path_text
+from adps.inference import PixelBudget, Predictor, predict_to_folder
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -81,16 +83,16 @@ def reported_errors() -> Iterator[None]:
         yield
     except ValidationFailed as err:
         print_failures(err.failures)
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {shown(err)}")
         raise typer.Exit(1) from None
     except AdpsError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {shown(err)}")
         raise typer.Exit(1) from None
     except Exception as err:
         if DEBUG["on"] or logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
         console.print(
-            f"[bold red]error:[/] unexpected {type(err).__name__}: {err}\n"
+            f"[bold red]error:[/] unexpected {type(err).__name__}: {shown(err)}\n"
             "Run the same command as `adps --debug ...` to see the traceback."
         )
         raise typer.Exit(2) from None
@@ -102,8 +104,19 @@ def run_stage(stage: Callable[..., dict[str, Any]], params_path: Path | None, *a
         params = load_params(params_path)
         configure_logging(params.runtime.log_level)
         result = stage(params, *args)
-    typer.echo(json.dumps(result, indent=2, default=str))
+    typer.echo(json_output(result))
     return result
+
+
+def shown(value: object) -> str:
+    """A message or name as terminal text: file names are bytes (a latin-1 name), and rich reads ``[x]`` in them as
+    markup (a file named ``[/x].png`` would crash the error report). Line breaks of a message stay."""
+    return escape("\n".join(path_text(line) for line in str(value).split("\n")))
+
+
+def json_output(result: Any) -> str:
+    """A command's result as valid JSON on stdout (NaN, an undefined metric, as null)."""
+    return json.dumps(finite_json(result), indent=2, default=str, allow_nan=False)
 
 
 def print_failures(failures: list[dict[str, str]]) -> None:
@@ -111,7 +124,7 @@ def print_failures(failures: list[dict[str, str]]) -> None:
     for column in ("file", "check", "reason"):
         table.add_column(column, overflow="fold")
     for failure in failures:
-        table.add_row(failure["file"], failure["check"], failure["reason"])
+        table.add_row(shown(failure["file"]), shown(failure["check"]), shown(failure["reason"]))
     console.print(table)
 
 
@@ -134,7 +147,7 @@ def validate_command(
         failed: list[ValidationFailed] = []
         for name in [category] if category else loaded.data.categories:
             try:
-                typer.echo(json.dumps(stages.validate(loaded, name), indent=2))
+                typer.echo(json_output(stages.validate(loaded, name)))
             except ValidationFailed as err:
                 failed.append(err)
         if failed:
@@ -276,7 +289,8 @@ def predict(
         typer.Option(
             "--params",
             "-p",
-            help="Params file, for tracking.uri of a registry URI only [default: the project's params.yaml; not "
+            help="Params file, for tracking.uri of a registry URI, the prediction log and the pixel budget "
+            "(production.*) [default: the project's params.yaml; outside a project: the defaults, and no params "
             "needed for a model folder or with MLFLOW_TRACKING_URI set]",
             show_default=False,
         ),
@@ -294,12 +308,19 @@ def predict(
     configure_logging()
     with reported_errors():
         predictor = load_predictor(model, params, device.value, engine.value)
+        predictor.budget = pixel_budget(params)
         model_dir = None if model.startswith("models:/") else Path(model)
         recorder = prediction_log(params, model) if log else None
         result = predict_to_folder(
             predictor, input, output, batch_size, sys.stderr.isatty(), save_maps, model_dir, recorder
         )
-    typer.echo(json.dumps(result, indent=2))
+    typer.echo(json_output(result))
+
+
+def pixel_budget(params_path: Path | None) -> PixelBudget:
+    """The pixels one image and one batch may bring (production.*): the project's, else the defaults."""
+    found = params_path or find_params()
+    return PixelBudget.from_params(load_params(found) if found else None)
 
 
 def prediction_log(params_path: Path | None, model: str):
@@ -308,7 +329,7 @@ def prediction_log(params_path: Path | None, model: str):
 
     found = params_path or find_params()
     settings = log_settings(load_params(found)) if found else settings_where_served()
-    name = model if model.startswith("models:/") else str(Path(model).resolve())
+    name = model if model.startswith("models:/") else path_text(Path(model).resolve())
     return PredictionLog(settings, "predict", name)
 
 
@@ -366,6 +387,7 @@ def give_verdict(ids: list[str], verdict: str, params_path: Path | None, mask: P
             folder.masks,
             folder.mask_suffix,
             params.validation.min_side,
+            params.data.mask_threshold,
         )
         queue = review_queue(params)
         for item_id in ids:

@@ -42,6 +42,7 @@ class RuntimeParams(Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0)
+    cpu_kernels: Literal["avx2", "native"] = "avx2"  # instruction set of torch's CPU kernels (adps.runtime)
     progress: bool = True
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: int = Field(2, ge=1)
@@ -62,6 +63,9 @@ class DataParams(Section):
     categories: tuple[CategoryName, ...] = Field(SYNTHETIC_CATEGORIES, min_length=1)
     import_path: Path = Path("data/incoming")  # where new images arrive; a dependency of `prepare`
     folder: FolderImportParams = FolderImportParams()
+    # None: masks must be two-level (defect = non-zero); t: defect = value > t on 0..255 (16-bit scaled by 255/65535)
+    mask_threshold: float | None = Field(None, ge=0.0, lt=255.0)
+    empty_defect_mask: Literal["image_label", "refuse"] = "image_label"  # a labelled defect whose mask marks nothing
     image_size: int = Field(128, ge=32, le=1024, multiple_of=32)
     resolution: Literal["auto", "native", "resize"] = "auto"
     scale: float = Field(1.0, gt=0.0, le=1.0)  # native: images scaled by this first (very large frames)
@@ -232,6 +236,18 @@ class ProductionParams(Section):
     keep_passed_fraction: float = Field(0.02, ge=0, le=1)
     keep_max_mb: float = Field(500.0, ge=0)
     max_pending: int = Field(10000, ge=1)
+    # pixel budget of `adps predict` and the served model, checked before decoding (adps.inference.PixelBudget)
+    max_image_megapixels: float = Field(16.0, gt=0)
+    max_request_megapixels: float = Field(64.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> ProductionParams:
+        if self.max_image_megapixels > self.max_request_megapixels:
+            raise ValueError(
+                f"production.max_image_megapixels ({self.max_image_megapixels:g}) must not exceed "
+                f"production.max_request_megapixels ({self.max_request_megapixels:g}): one image is a request"
+            )
+        return self
 
 
 class MonitorParams(Section):
@@ -242,6 +258,7 @@ class MonitorParams(Section):
     min_predictions: int = Field(30, ge=5)
     alpha: float = Field(0.01, gt=0, lt=1)
     expected_defect_rate: float = Field(0.02, ge=0, lt=1)
+    expected_error_rate: float = Field(0.01, ge=0, lt=1)
     feature_components: int = Field(8, ge=1)
 
 

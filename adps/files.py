@@ -12,14 +12,79 @@ import fcntl
 import filecmp
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from adps.errors import AdpsError
+
+
+def path_text(path: Path | str) -> str:
+    """A file name or path as text that every writer (CSV, JSON, a database, a terminal) accepts.
+
+    Linux file names are bytes: a name that is not UTF-8 (``d\\xe9faut.png`` from a latin-1 machine)
+    reaches Python with surrogate escapes, which UTF-8 writers refuse. Such bytes are shown as ``\\xNN``
+    (as ``ls -b`` does); control characters (NUL, newlines, which break CSV rows and database text) as
+    ``\\xNN`` too. A valid UTF-8 name is returned unchanged.
+    """
+    try:
+        text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to (from JSON, say)
+        text = str(path).encode("utf-8", "backslashreplace").decode()
+    return "".join(c if c.isprintable() else escaped(c) for c in text)
+
+
+def escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+SPECIAL_FILES = {  # what a file that is not a regular file is, by its stat mode
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def not_a_regular_file(path: Path | str) -> str:
+    """Why ``path`` cannot be read as a file ("" when it is a regular file, links followed), found by ``os.stat``
+    alone: the file is never opened, since opening a FIFO waits for a writer forever and opening a device
+    may act on it."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as err:  # missing, a broken link, a loop of links, a NUL in the name
+        return getattr(err, "strerror", None) or str(err)
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode) and not os.access(path, os.R_OK | os.X_OK):
+        return "it is a folder that cannot be read (permission denied)"
+    return f"it is {SPECIAL_FILES.get(stat.S_IFMT(mode), 'not a regular file')}"
+
+
+def open_regular(path: Path | str) -> IO[bytes]:
+    """Open a regular file for reading; anything else raises ``OSError`` saying what it is.
+
+    Checked with ``os.stat`` before opening (see :func:`not_a_regular_file`), and again on the open file,
+    opened without blocking, in case the name was swapped for a FIFO in between.
+    """
+    if problem := not_a_regular_file(path):
+        raise OSError(problem)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("it is not a regular file (it changed while being opened)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def file_sha256(path: Path) -> str:
@@ -74,7 +139,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_text_atomically(path: Path, text: str) -> Path:
-    return write_atomically(path, lambda tmp: tmp.write_text(text))
+    """``text`` as UTF-8, whatever the machine's locale (a latin-1 locale cannot write most names)."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomically(path: Path, payload: Any) -> Path:
@@ -181,13 +247,32 @@ def stage_text(path: Path, text: str) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.chmod(0o666 & ~current_umask())
     return tmp
 
 
 def json_text(payload: Any) -> str:
-    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    """``payload`` as valid JSON (NaN and infinities as null, see :func:`finite_json`), keys sorted."""
+    return json.dumps(finite_json(payload), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+
+
+def finite_json(payload: Any) -> Any:
+    """``payload`` with every NaN or infinite float as None, numpy scalars and arrays as plain Python.
+
+    JSON has no NaN: Python's ``json`` writes a bare ``NaN`` that strict readers (JavaScript's
+    ``JSON.parse``, Go, jq) refuse, losing the whole document. An undefined value (an AUROC without
+    both classes) is null instead.
+    """
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: finite_json(value) for key, value in payload.items()}
+    if isinstance(payload, list | tuple):
+        return [finite_json(value) for value in payload]
+    if hasattr(payload, "tolist") and type(payload).__module__ == "numpy":  # numpy scalars and arrays
+        return finite_json(payload.tolist())
+    return payload
 
 
 @contextlib.contextmanager

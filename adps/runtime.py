@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -13,6 +14,17 @@ import numpy as np
 
 from adps.config import Params
 from adps.errors import AdpsError
+
+logger = logging.getLogger(__name__)
+
+# What each ``runtime.cpu_kernels`` setting asks of the three libraries whose CPU kernels torch runs: ATen's
+# own vectorised kernels, oneDNN (convolutions) and MKL (matrix products). Each reads its variable once, at
+# its first use in the process, so they are set before any tensor is computed.
+CPU_KERNEL_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+    "native": {},
+}
+PINNED_CAPABILITY = {"avx2": "AVX2"}  # what ATen reports when the pin holds
 
 
 def progress_enabled(params: Params) -> bool:
@@ -62,14 +74,42 @@ def shared_threads(processes: int) -> int:
     return max(1, default_threads() // max(processes, 1))
 
 
-def setup_torch(params: Params):
-    """Seed everything, ask for deterministic algorithms, apply ``runtime.threads``; return the device.
+def pin_cpu_kernels(kernels: str) -> str:
+    """Ask torch's CPU kernels for the instruction set of ``runtime.cpu_kernels``; returns the one ATen uses.
 
-    On CPU, the same params, data and thread count give bit-identical weights; another thread count
-    changes the order of float reductions and so the low bits (docs/results.md measures how much).
+    Kernels written for AVX-512 or AMX add floats in another order than AVX2 ones, so the same training
+    gives other low bits, and after many steps other weights and metrics, on another CPU. With ``avx2``
+    every x86-64 machine with AVX2 runs the same kernels. The libraries read the setting once per process:
+    when something computed with torch before this call, the kernels are already chosen, and a warning says so.
     """
     import torch
 
+    os.environ.update(CPU_KERNEL_ENV[kernels])
+    capability = torch.backends.cpu.get_cpu_capability()
+    wanted = PINNED_CAPABILITY.get(kernels, capability)
+    if capability == "DEFAULT" and wanted != capability:
+        logger.warning("runtime.cpu_kernels: %s, but this CPU has no AVX2: results differ in the low bits", kernels)
+    elif capability != wanted:
+        logger.warning(
+            "runtime.cpu_kernels: %s, but this process already runs %s kernels (torch computed before the "
+            "setting could apply): results may differ in the low bits from other machines; run in a new process",
+            kernels,
+            capability,
+        )
+    return capability
+
+
+def setup_torch(params: Params):
+    """Pin the CPU kernels, seed everything, ask for deterministic algorithms, apply ``runtime.threads``; return
+    the device.
+
+    On CPU, the same params, data and thread count give bit-identical weights, on any x86-64 machine with
+    AVX2 while ``runtime.cpu_kernels`` is ``avx2``; another thread count changes the order of float
+    reductions and so the low bits (docs/results.md measures how much).
+    """
+    import torch
+
+    pin_cpu_kernels(params.runtime.cpu_kernels)
     seed_everything(params.runtime.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA kernels without a deterministic form warn
     torch.set_num_threads(params.runtime.threads or default_threads())

@@ -10,6 +10,17 @@ hand the model an empty frame); reading the request here keeps every shape's ans
 
 Every answered row is recorded in the prediction log (:mod:`adps.production.log`) of the project the
 server runs in (its params.yaml, found from the working directory), or of ``ADPS_PREDICTION_LOG``.
+
+The same project's pixel budget (``production.max_image_megapixels``, ``max_request_megapixels``; the
+defaults outside a project) is checked from each image's header before decoding: an image over it is
+its row's error, a request whose images are together over it is HTTP 413. HTTP statuses come from
+MLflow's scoring server, which maps an ``MlflowException``'s error code through its own table (400 for
+INVALID_PARAMETER_VALUE, 500 for INTERNAL_ERROR; no code maps to 413) and answers any other exception
+with 400 and the stack trace in the body. So every failure leaves :meth:`AdpsPyfunc.predict` as an
+``MlflowException`` without a trace: a request the model cannot read is 400, one too large is 413
+(:class:`RequestTooLarge`), anything else is the server's fault: 500, its trace in the server's log only.
+An answer is always valid JSON: a row without a score has null (never NaN) in ``score``,
+``is_anomalous`` and ``threshold``.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -26,14 +38,33 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_LIMIT_EXCEEDED
 from PIL import Image
 
 from adps.errors import AdpsError
-from adps.inference import ImagePrediction, ImageSource, Predictor
-from adps.production.log import PredictionLog, settings_where_served
-from adps.serving_contract import OUTPUT_COLUMNS, RequestShapeError, request_rows
+from adps.files import finite_json, path_text
+from adps.inference import ImagePrediction, ImageSource, PixelBudget, Predictor, RequestOverBudget, failure_text
+from adps.production.log import PredictionLog, log_settings, params_where_served, settings_where_served
+from adps.serving_contract import NULLABLE_COLUMNS, OUTPUT_COLUMNS, RequestShapeError, request_rows
 
+logger = logging.getLogger(__name__)
 ALLOWED_ROOT_ENV = "ADPS_SERVE_ALLOWED_ROOT"
+
+
+class RequestTooLarge(MlflowException):
+    """A request whose images are together over the pixel budget: HTTP 413 Content Too Large.
+
+    MLflow's table maps no error code to 413 (RESOURCE_LIMIT_EXCEEDED, the code that says what happened,
+    would be a 500), and its scoring server asks the exception itself for the status
+    (``get_http_status_code``): this one says 413, and its body carries RESOURCE_LIMIT_EXCEEDED.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=RESOURCE_LIMIT_EXCEEDED)
+
+    def get_http_status_code(self) -> int:
+        return 413
 
 
 def allowed_path(value: str, root: Path | None) -> Path:
@@ -71,10 +102,11 @@ def row_source(index: int, row: dict[str, Any], root: Path | None) -> ImageSourc
         except (binascii.Error, ValueError) as err:
             return ImageSource(f"row {index}", error=f"column 'image' is not valid base64: {err}")
     if isinstance(path, str) and path:
+        name = path_text(path)  # a client's text: NUL and control characters shown escaped, in answers and the log
         try:
-            return ImageSource(path, path=allowed_path(path, root))
+            return ImageSource(name, path=allowed_path(path, root))
         except AdpsError as err:
-            return ImageSource(path, error=str(err))
+            return ImageSource(name, error=str(err))
     return ImageSource(f"row {index}", error="give the image as base64 text in column 'image'")
 
 
@@ -96,42 +128,89 @@ class AdpsPyfunc(mlflow.pyfunc.PythonModel):
     """Loads ``psm.pt`` + ``thresholds.json`` once from the logged ``model_dir`` artifact."""
 
     def load_context(self, context: Any) -> None:
-        self.predictor = Predictor.from_dir(context.artifacts["model_dir"])
+        params = params_where_served()
+        self.predictor = Predictor.from_dir(context.artifacts["model_dir"])  # what library callers unwrap: no budget
+        self.served = self.predictor.with_budget(PixelBudget.from_params(params))  # what answers requests
         self.root = allowed_root()
         category = self.predictor.thresholds.get("category") or "unknown"
-        self.log = PredictionLog(settings_where_served(), "serve", f"adps-{category}")
+        settings = log_settings(params) if params is not None else settings_where_served()
+        self.log = PredictionLog(settings, "serve", f"adps-{category}")
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """One output row per image of ``model_input`` (any shape of :func:`request_rows`); HTTP 400 otherwise.
+        """One output row per image of ``model_input`` (any shape of :func:`request_rows`).
 
         ``pd.DataFrame`` is the hint MLflow derives no input schema from; lists and mappings arrive too.
-        """
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        return_map = bool((params or {}).get("return_map", False))
+        Raises:
+            MlflowException: HTTP 400 for a request that is not images in an accepted shape,
+                :class:`RequestTooLarge` (413) over the pixel budget, 500 for anything else (no trace in it).
+        """
         try:
-            rows = request_rows(model_input)
+            return self.answer(model_input, params or {})
         except RequestShapeError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        except RequestOverBudget as err:
+            raise RequestTooLarge(str(err)) from None
+        except Exception as err:
+            logger.exception("the served model failed on a request")
+            raise MlflowException(
+                f"the served model failed on this request ({type(err).__name__}); the server's log has the details",
+                error_code=INTERNAL_ERROR,
+            ) from None
+
+    def answer(self, model_input: Any, params: dict[str, Any]) -> pd.DataFrame:
+        return_map = bool(params.get("return_map", False))
+        rows = request_rows(model_input)
         sources = [row_source(i, row, self.root) for i, row in enumerate(rows)]
-        results = self.predictor.predict_batch(sources)
-        self.log.record(results, sources, self.predictor.thresholds)  # queued: the answer does not wait for it
-        return pd.DataFrame([self.output_row(r, return_map) for r in results], columns=list(OUTPUT_COLUMNS))
+        results = self.served.predict_batch(sources)
+        try:
+            self.log.record(results, sources, self.served.thresholds)  # queued: the answer does not wait for it
+        except Exception as err:  # the answer stands without its log rows
+            logger.warning("prediction log: %d rows not recorded: %s", len(results), failure_text(err))
+        return answer_frame([self.answer_row(r, return_map) for r in results])
+
+    def answer_row(self, r: ImagePrediction, return_map: bool) -> dict[str, Any]:
+        """One image's answer; a failure while building it is that row's error, never the request's."""
+        try:
+            return self.output_row(r, return_map)
+        except Exception as err:
+            logger.warning("answer of %s not built: %s", r.path, failure_text(err))
+            return error_row(r.path, f"scored, but its answer could not be built: {failure_text(err)}")
 
     def output_row(self, r: ImagePrediction, return_map: bool) -> dict[str, Any]:
         if r.error:
-            return {"name": r.path, "score": float("nan"), "is_anomalous": False, "threshold": float("nan"),
-                    "regions": "[]", "map_png": "", "error": r.error}  # fmt: skip
+            return error_row(r.path, r.error)
         return {
             "name": r.path,
             "score": r.score,
             "is_anomalous": r.is_anomalous,
             "threshold": r.threshold,
-            "regions": json.dumps(self.predictor.regions(r)),
+            "regions": json.dumps(finite_json(self.predictor.regions(r)), allow_nan=False),
             "map_png": map_png(r.anomaly_map) if return_map else "",
             "error": "",
         }
+
+
+def error_row(name: str, error: str) -> dict[str, Any]:
+    """A row without a score: null (None) where a scored row has a number or a decision."""
+    return {"name": name, "score": None, "is_anomalous": None, "threshold": None, "regions": "[]", "map_png": "",
+            "error": error}  # fmt: skip
+
+
+def answer_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The answer as a frame whose JSON has null, never NaN, where a row has no score.
+
+    pandas stores None in a float column as NaN, and MLflow writes NaN as a bare ``NaN`` (invalid JSON: a
+    strict client loses every row); such columns are kept as objects holding None. A float that is not a
+    number in a scored row would be the same fault, so it is None too.
+    """
+    frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+    for column in NULLABLE_COLUMNS:
+        values = frame[column]
+        missing = values.isna() | values.map(lambda v: isinstance(v, float) and not np.isfinite(v))
+        if missing.any():
+            frame[column] = values.astype(object).where(~missing, None)
+    return frame
 
 
 mlflow.models.set_model(AdpsPyfunc())

@@ -24,11 +24,13 @@ OUTPUT_COLUMNS = {  # name -> MLflow column type, in answer order
     "map_png": "string",
     "error": "string",
 }
+NULLABLE_COLUMNS = ("score", "is_anomalous", "threshold")  # null on a row that has an error
 OUTPUT_DESCRIPTION = (
     "one row per image, in order: `name`; `score`; `is_anomalous` (score >= the image threshold chosen on "
     "the validation split); `threshold`; `regions` (JSON list of connected regions above the pixel threshold: "
     "x, y, width, height, area in input-image pixels, peak score); `map_png` (base64 16-bit PNG of the "
-    "anomaly map, with param `return_map: true`); `error` (per row: the other rows are still answered)"
+    "anomaly map, with param `return_map: true`); `error` (per row: the other rows are still answered; such a "
+    "row has null score, is_anomalous and threshold)"
 )
 ACCEPTED_INPUT = (
     "one image per row: column 'image' = the image file's bytes in base64 (or 'path', where the server allows "

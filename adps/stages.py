@@ -31,6 +31,7 @@ from adps.files import (
     exclusive_lock,
     file_sha256,
     json_text,
+    path_text,
     refresh_dir,
     replace_dir_atomically,
     write_json_atomically,
@@ -41,7 +42,7 @@ from adps.model.backbones import calibrate_batchnorm
 from adps.model.memory_bank import build_bank
 from adps.model.network import ADPS, MEMORY_BANK
 from adps.model.weights import load_teacher_weights
-from adps.runtime import progress_enabled, seeded, setup_torch
+from adps.runtime import pin_cpu_kernels, progress_enabled, seeded, setup_torch
 from adps.training.checkpoints import (
     CheckpointError,
     build_model,
@@ -54,6 +55,7 @@ from adps.training.checkpoints import (
     save_checkpoint,
 )
 from adps.training.loop import EpochHook, Phase, fit
+from adps.training.model_folder import check_checkpoint_category, check_model_folder
 from adps.training.phases import distill_step, psm_param_groups, psm_step
 
 logger = logging.getLogger(__name__)
@@ -85,13 +87,15 @@ def alone_in_process(stage: Callable[..., dict[str, Any]]) -> Callable[..., dict
     the bits of one at a time (seen: a forced rerun changed psm.pt, so the registry grew); processes
     (``dvc repro``, Dask workers) are unaffected. Threads still overlap validation, DVC checks and
     registration; categories train in parallel on Dask worker processes (``runtime.task_runner``).
-    ``torch.onnx.export`` needs it anyway: it keeps global state.
+    ``torch.onnx.export`` needs it anyway: it keeps global state. The CPU kernels are pinned first
+    (``runtime.cpu_kernels``), before the stage computes anything with torch.
     """
 
     @functools.wraps(stage)
-    def alone(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def alone(params: Params, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        pin_cpu_kernels(params.runtime.cpu_kernels)
         with TORCH_STAGES:
-            return stage(*args, **kwargs)
+            return stage(params, *args, **kwargs)
 
     return alone
 
@@ -117,14 +121,15 @@ def build_category(params: Params, category: str, dest: Path) -> None:
     data = params.data
     source = paths.import_dir(params)
     skipped: list[layout.Skipped] = []
+    masks = layout.MaskImport(data.mask_threshold, data.empty_defect_mask)
     if data.source == "synthetic":
         embedded.generate_category(
             category, params.synthetic, params.runtime.seed, dest, progress=progress_enabled(params)
         )
     elif data.source == "mvtec":
-        skipped += layout.import_mvtec_category(source, category, dest)
+        skipped += layout.import_mvtec_category(source, category, dest, masks)
     elif data.source == "kolektor":
-        skipped += layout.import_kolektor(source, dest)
+        skipped += layout.import_kolektor(source, dest, masks=masks)
     if data.source in ("synthetic", "folder"):  # synthetic: images in import_path are added to the generated ones
         root, folder = source / category, data.folder
         skipped += layout.import_folder_category(
@@ -133,10 +138,12 @@ def build_category(params: Params, category: str, dest: Path) -> None:
             test_normal_fraction=folder.test_normal_fraction,
             seed=params.runtime.seed,
             require_normals=data.source == "folder",
+            masks=masks,
         )
     for entry in skipped:
-        logger.warning("%s: %s: not imported (%s)", category, entry.source, entry.reason)
+        logger.warning("%s: %s: not imported (%s)", category, path_text(entry.source), path_text(entry.reason))
     layout.write_not_imported(dest, skipped, lambda path: paths.in_project(params, path))
+    layout.write_mask_manifest(dest, masks, lambda path: paths.in_project(params, path))
 
 
 def prepare(params: Params) -> dict[str, Any]:
@@ -236,10 +243,15 @@ def unused_files(
     params: Params, folder: Path, samples: list[layout.Sample], left_out: list[dict[str, str]]
 ) -> list[dict[str, str]]:
     """Files validation fails on as unused: in the dataset folder, or left out of it by a blocking import rule."""
-    unused = [{"path": paths.in_project(params, p), "why": why} for p, why in layout.unused_files(folder, samples)]
-    return unused + [
-        {"path": r["file"], "why": f"not imported: {r['reason']}"} for r in left_out if r["blocking"] == "true"
+    unused = [
+        {"path": path_text(paths.in_project(params, p)), "why": path_text(why)}
+        for p, why in layout.unused_files(folder, samples)
     ]
+    reasons: dict[str, list[str]] = {}  # one row per file: a COCO file may be left out for several entries
+    for row in left_out:
+        if row["blocking"] == "true":
+            reasons.setdefault(row["file"], []).append(row["reason"])
+    return unused + [{"path": file, "why": f"not imported: {'; '.join(why)}"} for file, why in reasons.items()]
 
 
 def validation_message(
@@ -274,7 +286,7 @@ def phase_fingerprint(params: Params, category: str, phase: str, train_samples: 
     payload = {key: dotted_value(params, key) for key in pipeline_stage(phase).params}
     payload.update(
         category=category,
-        files={paths.in_project(params, s.image_path): file_sha256(s.image_path) for s in train_samples},
+        files={path_text(paths.in_project(params, s.image_path)): file_sha256(s.image_path) for s in train_samples},
         textures=texture_digests(params),
         teacher_weights=teacher_weights,
     )
@@ -381,6 +393,7 @@ def normal_batches(samples: list, params: Params) -> list:
 def load_trained_student(params: Params, category: str, spec: dict[str, Any]):
     """The model with the teacher and student of stage 1 (PSM freshly initialised)."""
     student = read_checkpoint(paths.student_checkpoint(params, category))
+    check_checkpoint_category(paths.student_checkpoint(params, category), student, category)
     if student["spec"]["model"] | {"psm_head_channels": None} != spec["model"] | {"psm_head_channels": None}:
         raise CheckpointError(
             f"{paths.student_checkpoint(params, category)} was trained with model params {student['spec']['model']} "
@@ -482,6 +495,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     device = setup_torch(params)
     _, val, test = category_splits(params, category)
     model, checkpoint = load_model(paths.psm_checkpoint(params, category))
+    check_checkpoint_category(paths.psm_checkpoint(params, category), checkpoint, category)
     check_trained_with(params, checkpoint, paths.psm_checkpoint(params, category), category)
     model.to(device)
     batch, progress = params.evaluation.batch_size, progress_enabled(params)
@@ -498,6 +512,7 @@ def evaluate(params: Params, category: str) -> dict[str, Any]:
     thresholds.update(category=category, checkpoint_sha256=file_sha256(paths.psm_checkpoint(params, category)))
     metrics = reports.evaluation_report(test_pred, thresholds, params.evaluation)
     metrics.update(teacher_weights=checkpoint["teacher_weights"], n_val=len(val_pred.labels))
+    metrics.update(category=category, checkpoint_sha256=thresholds["checkpoint_sha256"])  # what they measured
     metrics.update(kind=kind, kind_choice=why, kinds=kind_table(test_preds, val_preds))
     logger.info("%s ships %s (%s)", category, kind, why)
     reference = production_reference(model, checkpoint["spec"], thresholds, val + test, params, device)
@@ -542,6 +557,7 @@ def export(params: Params, category: str) -> dict[str, Any]:
     from adps.export import export_onnx
 
     check_category(params, category)
+    check_model_folder(params, category)
     return export_onnx(paths.model_dir(params, category), paths.onnx_file(params, category))
 
 
@@ -550,8 +566,9 @@ def export(params: Params, category: str) -> dict[str, Any]:
 def register(params: Params, category: str) -> dict[str, Any]:
     """Stage ``register@C``: MLflow run + pyfunc model registered as ``adps-<C>`` (alias challenger).
 
-    Everything is checked before the tracking server is touched: the category, and that the model
-    and its evaluation exist (a failed check leaves no run behind).
+    Everything is checked before the tracking server is touched: the category, that the model and its
+    evaluation exist, and that they are one model of this category (psm.pt trained for it, thresholds,
+    metrics and drift reference of that psm.pt): a failed check leaves no run or version behind.
     """
     from adps import tracking
 
@@ -567,6 +584,7 @@ def register(params: Params, category: str) -> dict[str, Any]:
             f"cannot register {category}: missing {', '.join(missing)}; run `adps psm -c {category}` and "
             f"`adps evaluate -c {category}` (or `dvc repro`) first."
         )
+    check_model_folder(params, category, reports=True)
     return tracking.register(params, category)
 
 
@@ -619,7 +637,16 @@ PIPELINE: tuple[Stage, ...] = (
         prepare,
         False,
         "Build the embedded synthetic dataset, or import MVTec AD, KolektorSDD2 or a folder set.",
-        ("runtime.seed", "data.source", "data.categories", "data.import_path", "data.folder", "synthetic"),
+        (
+            "runtime.seed",
+            "data.source",
+            "data.categories",
+            "data.import_path",
+            "data.folder",
+            "data.mask_threshold",
+            "data.empty_defect_mask",
+            "synthetic",
+        ),
         lambda params, category: [paths.dataset_dir(params)],
     ),
     Stage(
@@ -643,6 +670,7 @@ PIPELINE: tuple[Stage, ...] = (
         (
             "runtime.seed",
             "runtime.threads",
+            "runtime.cpu_kernels",
             "runtime.device",
             "data.image_size",
             "data.resolution",
@@ -670,6 +698,7 @@ PIPELINE: tuple[Stage, ...] = (
         (
             "runtime.seed",
             "runtime.threads",
+            "runtime.cpu_kernels",
             "runtime.device",
             "data.image_size",
             "data.resolution",
@@ -692,6 +721,7 @@ PIPELINE: tuple[Stage, ...] = (
         (
             "runtime.seed",
             "runtime.threads",
+            "runtime.cpu_kernels",
             "data.image_size",
             "data.resolution",
             "data.scale",

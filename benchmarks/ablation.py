@@ -30,6 +30,7 @@ from adps.data.datasets import LabelledDataset
 from adps.data.splits import category_splits
 from adps.evaluation.metrics import detection_metrics
 from adps.evaluation.predictions import predict_dataset
+from adps.files import finite_json
 from adps.model.network import cosine_anomaly_map
 from adps.runtime import setup_torch
 from adps.training.checkpoints import input_normalizer, load_model, params_geometry
@@ -146,7 +147,7 @@ def main() -> None:
     results = {"adps": adps}
     for name in args.variants.split(","):
         results[name] = run_variant(root, name, variant_params(raw, name), data_dir)
-        (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (root / "results.json").write_text(json.dumps(finite_json(results), indent=2, default=str, allow_nan=False))
         print(f"{name} done", flush=True)
     print(ablation_table(results, list(params.data.categories), params.model.patches))
 

@@ -47,6 +47,7 @@ import yaml
 
 from adps import paths, stages
 from adps.config import load_params, nest_dotted, override_params
+from adps.files import json_text
 from adps.model.network import ADPS, KINDS
 from benchmarks.knn_floor import cell, knn_floor
 
@@ -227,7 +228,7 @@ def main() -> None:
         table += "\n\nImage-score ablation (the same trained models, thresholds re-chosen on validation):\n\n"
         table += results_table(ablation, types)
         results.update(ablation)
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (out / "results.json").write_text(json_text(results))
     (out / "results.md").write_text(table + "\n")
     print(table)
 

@@ -37,6 +37,7 @@ from adps.config import Params, load_params, nest_dotted
 from adps.data.images import read_rgb
 from adps.data.splits import category_splits
 from adps.export import onnx_predictor
+from adps.files import json_text
 from adps.inference import Predictor
 from benchmarks.cost import classification_net, median_seconds
 from benchmarks.elpv import merge
@@ -208,7 +209,7 @@ def main() -> None:
             "inference": inference_costs(params, args.category, args.repeats),
         }
     text = quality_table(results) + "\n\n" + cost_table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    (out / "results.json").write_text(json_text(results))
     (out / "results.md").write_text(text + "\n")
     print(text)
 

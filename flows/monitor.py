@@ -2,9 +2,14 @@
 
 Per category: the window of the last ``monitor.window_hours`` of logged predictions of the champion,
 checked against the reference registered with it (:mod:`adps.production.drift`), one MLflow run per
-window (experiment ``<tracking.experiment>-monitor``). Then a table and a markdown artifact, and for each
-category that drifted a Prefect event ``adps.drift.detected`` (resource ``adps.category.<name>``), which
-the nightly deployment's trigger (prefect.yaml, flows/serve.py) answers by starting the nightly run early.
+window (experiment ``<tracking.experiment>-monitor``). Then a table and a markdown artifact (with each
+window's error rate), and two kinds of Prefect event (resource ``adps.category.<name>``):
+
+- ``adps.drift.detected`` for each category that drifted, which the nightly deployment's trigger
+  (prefect.yaml, flows/serve.py) answers by starting the nightly run early;
+- ``adps.inputs.failing`` for each category whose predictions fail more often than
+  ``monitor.expected_error_rate``. No deployment answers it: retraining cannot mend a camera that sends
+  broken frames or a client that sends bad requests. Point a notification automation at it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from prefect.events import emit_event
 
 from adps.config import load_params, params_path_or_project
 from adps.errors import AdpsError
+from adps.production.drift import ERRORS, drift_alarms
 from adps.production.log import utc_now
 from adps.tracking.monitoring import monitor_category
 
 DRIFT_EVENT = "adps.drift.detected"
+FAILING_EVENT = "adps.inputs.failing"  # never a trigger of the nightly run (retraining cannot fix inputs)
 RESOURCE_PREFIX = "adps.category."
 
 
@@ -49,16 +56,22 @@ def window_bounds(until: str | None, hours: float) -> tuple[datetime, datetime]:
 
 
 def report_row(report: dict[str, Any]) -> dict[str, Any]:
-    """One row of the run's table: the window's counts and each check's statistic and p-value."""
+    """One row of the run's table: the window's counts and error rate, and each check's result and p-value
+    (the errors check's under "error rate", beside the count it tests)."""
     row = {
         "category": report["category"],
         "status": report["status"],
         "model": report.get("model", "-"),
         "predictions": report.get("n_predictions", 0),
         "errors": report.get("n_errors", 0),
+        "error rate": "-" if report.get("error_rate") is None else f"{report['error_rate']:.1%}",
     }
     for name, check in report.get("checks", {}).items():
-        row[name] = f"{check['detail']}; p={check['p_value']:.2g}{' ALARM' if check['alarm'] else ''}"
+        shown = f"p={check['p_value']:.2g}{' ALARM' if check['alarm'] else ''}"
+        if name == ERRORS:
+            row["error rate"] += f" ({check['detail']}; {shown})"
+        else:
+            row[name] = f"{check['detail']}; {shown}"
     return row
 
 
@@ -70,13 +83,15 @@ def drift_markdown(rows: list[dict[str, Any]], since: datetime, until: datetime)
         lines.append("")
     lines.append(
         "Checks: score (KS vs held-out normals), flag_rate (binomial vs expected), input (KS of brightness, "
-        "contrast, sharpness), features (KS of the teacher's pooled features' principal components)."
+        "contrast, sharpness), features (KS of the teacher's pooled features' principal components), errors "
+        "(binomial test of the failed predictions vs monitor.expected_error_rate: the inputs fail, which "
+        "retraining cannot fix)."
     )
     return "\n".join(lines)
 
 
 def announce_drift(report: dict[str, Any]) -> None:
-    """The Prefect event of a category that drifted: what automations react to."""
+    """The Prefect event of a category that drifted: what the nightly deployment's trigger reacts to."""
     emit_event(
         event=DRIFT_EVENT,
         resource={
@@ -84,7 +99,7 @@ def announce_drift(report: dict[str, Any]) -> None:
             "prefect.resource.name": report["category"],
         },
         payload={
-            "alarms": report["alarms"],
+            "alarms": drift_alarms(report),
             "status": report["status"],
             "model": report["model"],
             "since": report["since"],
@@ -94,10 +109,42 @@ def announce_drift(report: dict[str, Any]) -> None:
     )
 
 
+def announce_failing_inputs(report: dict[str, Any]) -> None:
+    """The Prefect event of a category whose predictions fail more than expected: for people, not retraining."""
+    emit_event(
+        event=FAILING_EVENT,
+        resource={
+            "prefect.resource.id": RESOURCE_PREFIX + report["category"],
+            "prefect.resource.name": report["category"],
+        },
+        payload={
+            "n_errors": report["n_errors"],
+            "n_predictions": report["n_predictions"],
+            "error_rate": report["error_rate"],
+            "detail": report["checks"][ERRORS]["detail"],
+            "status": report["status"],
+            "model": report["model"],
+            "since": report["since"],
+            "until": report["until"],
+            "mlflow_run_id": report["mlflow_run_id"],
+        },
+    )
+
+
+ANNOUNCE = {DRIFT_EVENT: announce_drift, FAILING_EVENT: announce_failing_inputs}
+
+
+def events_of(report: dict[str, Any]) -> list[str]:
+    """The events a category's window sends: drift (a retraining may answer it) and failing inputs (a person
+    must: the nightly deployment's trigger never sees it), each when its alarms rang."""
+    alarms = report.get("alarms", [])
+    return [DRIFT_EVENT] * bool(drift_alarms(report)) + [FAILING_EVENT] * (ERRORS in alarms)
+
+
 @flow(name="adps-monitor", log_prints=True)
 def adps_monitor(params_path: str | None = None, hours: float | None = None, until: str | None = None) -> list[dict]:
     """Check the last ``hours`` (default ``monitor.window_hours``) of predictions up to ``until`` (ISO time, UTC;
-    default now) of every category; announce the ones that drifted.
+    default now) of every category; announce the ones that drifted, and apart, the ones whose inputs fail.
 
     A category without a champion reference or without a log is reported as such, and the others go on.
     """
@@ -118,8 +165,8 @@ def adps_monitor(params_path: str | None = None, hours: float | None = None, unt
         key="adps-drift-report", markdown=drift_markdown(rows, start, end), description="Drift report of this window"
     )
     for report in reports:
-        if report["alarms"]:
-            announce_drift(report)
+        for event in events_of(report):
+            ANNOUNCE[event](report)
     print("; ".join(f"{r['category']}: {r['status']}" for r in reports))
     return reports
 

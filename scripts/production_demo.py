@@ -40,6 +40,7 @@ from PIL import Image
 
 from adps.config import load_params, params_path_or_project
 from adps.data.embedded import blob, generate_image, image_rng
+from adps.files import finite_json
 from adps.production.log import log_settings, utc_now
 from adps.production.review import ReviewQueue
 
@@ -293,8 +294,8 @@ def main() -> None:
         f"## Version {version['version']} (aliases {', '.join(version['aliases']) or 'none'})\n\n{page}\n"
     )
     (out / "production.md").write_text(report)
-    (out / "production.json").write_text(json.dumps({"windows": rows, "verdicts": verdicts, "version": version},
-                                                    indent=2, default=str))  # fmt: skip
+    summary = finite_json({"windows": rows, "verdicts": verdicts, "version": version})  # a p-value may be NaN
+    (out / "production.json").write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
     print(report)
     if args.screenshots:
         screenshots(args.screenshots, args.category, params)

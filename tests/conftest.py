@@ -16,6 +16,7 @@ import yaml
 import adps  # noqa: F401  (turns telemetry off for every tool before anything else imports them)
 from adps.config import Params, params_from_dict
 from adps.data.embedded import generate_category
+from adps.runtime import CPU_KERNEL_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,12 @@ TINY: dict[str, Any] = {
     },
     "evaluation": {"batch_size": 8, "n_heatmaps": 2, "curve_points": 20},
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The kernels every stage asks for (``runtime.cpu_kernels: avx2``), chosen before any test computes with
+    torch: a stage run in this process gives the same bytes as the same stage run by `dvc repro` in a new one."""
+    os.environ.update(CPU_KERNEL_ENV["avx2"])
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -18,14 +18,22 @@ their pixels are. What a file says about itself is obeyed, or the file is refuse
   0..65535 (floats all in [0, 1] as 0..1); non-finite, negative or larger values are refused. A 16-bit
   colour PNG with few significant bits stored unscaled is refused (only its high byte can be read).
 
-A mask pixel is defect when its value is non-zero (any channel, after palette expansion); validation
-separately requires masks to be binary, whatever the source (see :mod:`adps.data.validation`).
+- **special files**: a named pipe, socket, device or folder is refused by its kind before it is opened
+  (opening a FIFO waits for a writer: one such file must not hang a run).
+
+Masks, one rule for every source (:func:`mask_defect`): with no threshold (``data.mask_threshold: null``) a
+pixel is defect when its value is non-zero (any channel, after palette expansion), and validation requires
+masks to be two-level; with a threshold t a pixel is defect when its value, on the 0..255 scale, is > t:
+8-bit values as they are, 16-bit and float values scaled by 255 / their full scale (65535, the ``sBIT``
+scale, or 1.0), a bilevel (mode ``1``) mask's 1 as 255.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageCms
 
 from adps.errors import ImageReadError
+from adps.files import path_text
 
 Array = np.ndarray
 Source = Path | str | IO[bytes]
@@ -86,6 +95,7 @@ class DecodedImage:
     bit_depth: int
     full_scale: float
     icc_profile: bytes | None
+    format: str = ""  # the file format as Pillow names it (PNG, JPEG, TIFF...)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -101,6 +111,8 @@ def decode_image(source: Source, name: str | None = None, what: str = "image") -
             transparent, or values that cannot be read; the message names the file and why.
     """
     try:
+        if isinstance(source, Path | str):
+            check_regular_file(source)
         with Image.open(source) as img:
             check_image_size(img.size)
             check_single_frame(img)
@@ -112,11 +124,43 @@ def decode_image(source: Source, name: str | None = None, what: str = "image") -
             check_high_byte_only(pixels, depth, bits)
             icc = img.info.get("icc_profile") or None
             bit_depth = 16 if depth == 16 else BITS_PER_MODE[mode]
-            return DecodedImage(pixels, mode, bit_depth, full_scale(pixels, bits), icc)
+            return DecodedImage(pixels, mode, bit_depth, full_scale(pixels, bits), icc, img.format or "")
     except Image.UnidentifiedImageError as err:
-        raise ImageReadError(f"cannot read {what} {name or source}: not an image file of a known format") from err
+        raise ImageReadError(f"cannot read {what} {shown(source, name)}: not an image file of a known format") from err
     except READ_ERRORS as err:
-        raise ImageReadError(f"cannot read {what} {name or source}: {err}") from err
+        raise ImageReadError(f"cannot read {what} {shown(source, name)}: {path_text(str(err))}") from err
+
+
+def shown(source: Source, name: str | None) -> str:
+    """The file as messages name it: any name as text every writer takes (a latin-1 name as ``\\xe9``)."""
+    return path_text(name if name is not None else source if isinstance(source, Path | str) else "<bytes>")
+
+
+SPECIAL_KINDS = (  # stat test -> what the file is, in words
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def special_kind(path: Path | str) -> str | None:
+    """What a path is when it is not a regular file (links followed), in words; None for a regular file
+    or a path that does not exist (its reader says so). Read from ``stat``: the file is never opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in SPECIAL_KINDS if test(mode)), "not a regular file")
+
+
+def check_regular_file(path: Path | str) -> None:
+    """Refuse a special file by its kind before opening it: opening a named pipe blocks until a writer comes."""
+    if kind := special_kind(path):
+        raise ValueError(f"{kind}, not a regular file: not opened")
 
 
 def check_image_size(size: tuple[int, int]) -> None:
@@ -323,9 +367,38 @@ def mask_values(decoded: DecodedImage) -> Array:
     return values.max(axis=2) if values.ndim == 3 else values
 
 
-def read_mask(path: Path) -> Array:
-    """A mask file as booleans at its own size (True = defect: any non-zero value)."""
-    return mask_values(decode_image(path, what="mask")) > 0
+def mask_levels(decoded: DecodedImage) -> Array:
+    """A decoded mask's values (H, W) on the 0..255 scale: 8-bit as they are, 16-bit and float samples
+    scaled by 255 / their full scale, a bilevel (mode ``1``) mask's 1 as 255."""
+    values = mask_values(decoded).astype(np.float64)
+    if decoded.pixels.mode == "1":
+        return values * 255.0
+    return values * (255.0 / decoded.full_scale)
+
+
+def mask_defect(decoded: DecodedImage, threshold: float | None = None) -> Array:
+    """The one mask rule: (H, W) booleans, True = defect.
+
+    ``threshold`` None: any non-zero value (masks are then required to be two-level); a number t:
+    a value > t on the 0..255 scale of :func:`mask_levels` (``data.mask_threshold``).
+    """
+    if threshold is None:
+        return mask_values(decoded) > 0
+    return mask_levels(decoded) > threshold
+
+
+def describe_mask_values(decoded: DecodedImage) -> str:
+    """What a mask file holds, for messages: ``a PNG with 37 distinct values in 0..255 (8-bit)``."""
+    values = np.unique(mask_values(decoded)).astype(np.float64)
+    kind = decoded.format or "file"
+    article = "an" if kind[0].upper() in "AEIOU" else "a"
+    spread = f"{values[0]:g}..{values[-1]:g}"
+    return f"{article} {kind} with {len(values)} distinct values in {spread} ({decoded.bit_depth}-bit)"
+
+
+def read_mask(path: Path, threshold: float | None = None) -> Array:
+    """A mask file as booleans at its own size, by :func:`mask_defect`'s rule."""
+    return mask_defect(decode_image(path, what="mask"), threshold)
 
 
 def load_mask(path: Path | None, size: int | tuple[int, int] | None) -> Array:

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from adps.config import ValidationParams
-from adps.data.images import decode_image, mask_values, rgb_image
+from adps.data.images import DecodedImage, decode_image, describe_mask_values, mask_defect, mask_values, rgb_image
 from adps.data.layout import Sample
 from adps.errors import ImageReadError
-from adps.files import file_sha256
+from adps.files import file_sha256, path_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def read_image_facts(path: Path) -> dict[str, Any]:
     }
     try:
         decoded = decode_image(path)
-        rgb_image(decoded, str(path))  # the colour conversion every reader applies
+        rgb_image(decoded, path_text(path))  # the colour conversion every reader applies
     except ImageReadError as err:
         facts["decode_error"] = read_error_detail(err)
         return facts
@@ -61,18 +61,26 @@ def read_error_detail(err: ImageReadError) -> str:
     """Why a file cannot be read, without the file name (the report's row names it)."""
     cause = err.__cause__
     if cause is None:
-        return str(err)
-    return str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}"
+        return path_text(str(err))
+    return path_text(str(cause) if isinstance(cause, ValueError) else f"{type(cause).__name__}: {cause}")
 
 
-def read_mask_facts(mask_path: Path | None, image_size: tuple[int, int] | None, is_defect: bool) -> dict[str, Any]:
-    """Facts of a mask file, read as training reads it; every value is None when there is no mask."""
+def read_mask_facts(
+    mask_path: Path | None, image_size: tuple[int, int] | None, is_defect: bool, threshold: float | None = None
+) -> dict[str, Any]:
+    """Facts of a mask file, read as training reads it; every value is None when there is no mask.
+
+    ``threshold``: the mask rule (``data.mask_threshold``); the dataset's own masks are read with None (prepare
+    already wrote them by the rule, so they must be two-level), a reviewer's mask with the project's setting.
+    ``mask_values``: what the file holds (format, distinct values) and the setting that reads it, for messages.
+    """
     facts: dict[str, Any] = {
         "mask_decodes": None,
         "mask_error": "",
         "mask_size_matches": None,
         "mask_binary": None,
         "mask_nonempty": None,
+        "mask_values": "",
     }
     if mask_path is None:
         return facts
@@ -82,11 +90,29 @@ def read_mask_facts(mask_path: Path | None, image_size: tuple[int, int] | None, 
         facts.update(mask_decodes=False, mask_error=read_error_detail(err))
         return facts
     values = np.unique(mask_values(decoded))
+    two_level = len(values) <= 2 and (values[0] == 0 or len(values) == 1)
     facts["mask_decodes"] = True
     facts["mask_size_matches"] = None if image_size is None else decoded.size == image_size
-    facts["mask_binary"] = len(values) <= 2 and (values[0] == 0 or len(values) == 1)
-    facts["mask_nonempty"] = bool(values.max() > 0) if is_defect else None
+    facts["mask_binary"] = threshold is not None or bool(two_level)
+    facts["mask_nonempty"] = bool(mask_defect(decoded, threshold).any()) if is_defect else None
+    facts["mask_values"] = "" if facts["mask_binary"] else not_two_level_advice(describe_mask_values(decoded), decoded)
     return facts
+
+
+def not_two_level_advice(description: str, decoded: DecodedImage) -> str:
+    """What a mask that is not two-level holds, and the setting that reads it (the JPEG advice only for JPEGs)."""
+    scale = " (on 0..255: 16-bit values are scaled by 255 / 65535)" if decoded.bit_depth == 16 else ""
+    example = f"data.mask_threshold, e.g. 127, to read defect = value > 127{scale}"
+    if decoded.format in ("JPEG", "MPO"):
+        return f"{description}: JPEG compression greys a mask's edges; save masks as PNG, or set {example}"
+    return f"{description}: set {example}"
+
+
+def mask_facts(sample: Sample, size: tuple[int, int] | None, recorded: Any) -> dict[str, Any]:
+    """:func:`read_mask_facts` of a sample, with ``mask_binary_detail``: the mask file and what it holds."""
+    facts = read_mask_facts(sample.mask_path, size, sample.label == 1)
+    detail = f"{recorded(sample.mask_path)} is {facts['mask_values']}" if facts["mask_values"] else ""
+    return facts | {"mask_binary_detail": detail}
 
 
 def file_digest(path: Path) -> str:
@@ -102,7 +128,7 @@ def build_metadata_table(samples: Iterable[Sample], root: Path | None = None, pr
     from tqdm import tqdm
 
     def recorded(path: Path) -> str:
-        return str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+        return path_text(path.relative_to(root) if root is not None and path.is_relative_to(root) else path)
 
     rows = []
     for s in tqdm(list(samples), desc="reading images", unit="img", disable=not progress):
@@ -120,7 +146,7 @@ def build_metadata_table(samples: Iterable[Sample], root: Path | None = None, pr
                 "is_defect": s.label == 1,
                 "has_mask": s.mask_path is not None,
                 "mask_on_good_image": s.label == 0 and s.mask_path is not None,
-                **read_mask_facts(s.mask_path, size, s.label == 1),
+                **mask_facts(s, size, recorded),
                 "train_is_normal": s.split != "train" or s.label == 0,
                 "sha256": file_digest(s.image_path),
             }
@@ -195,13 +221,13 @@ def dataset_expectations(cfg: ValidationParams) -> dict[str, list[Any]]:
             in_set("mask_on_good_image", [False], "a mask exists for a good image (normal images need none)"),
             in_set("mask_decodes", [True], "mask cannot be read"),
             in_set("mask_size_matches", [True], "mask size differs from image size"),
+            in_set("mask_binary", [True], "mask values are not binary (expected 0 and one foreground value)"),
             in_set(
-                "mask_binary",
+                "mask_nonempty",
                 [True],
-                "mask values are not binary (expected 0 and one foreground value; a JPEG mask has grey edges: "
-                "save masks as PNG)",
+                "defect mask is empty (mark the defect, or set data.empty_defect_mask: image_label and rerun prepare "
+                "to keep it labelled by image only)",
             ),
-            in_set("mask_nonempty", [True], "defect mask is empty"),
             in_set(
                 "train_is_normal",
                 [True],
@@ -283,7 +309,7 @@ DETAIL_COLUMNS = {  # check -> the column of its table that says which file or w
     "decodes": "decode_error",
     "mask_decodes": "mask_error",
     "mask_size_matches": "mask_path",
-    "mask_binary": "mask_path",
+    "mask_binary": "mask_binary_detail",
     "mask_nonempty": "mask_path",
     "used": "why",
 }

@@ -10,10 +10,16 @@ pooled features. A window is compared with it by four checks, each a p-value:
   normals' flagged share (Laplace-smoothed, (k + 1) / (n + 2)) plus ``monitor.expected_defect_rate``;
 - ``input``: KS test of each input statistic (brightness, contrast, sharpness), Bonferroni over them;
 - ``features``: KS test of each of the reference's first ``monitor.feature_components`` principal
-  components of the pooled teacher features, Bonferroni over them.
+  components of the pooled teacher features, Bonferroni over them;
+- ``errors``: one-sided binomial test of the predictions that failed (an unreadable, truncated or too
+  small input: a row with an error and no score) against ``monitor.expected_error_rate``.
 
-A check alarms below ``monitor.alpha / (number of checks)``: the chance that a window from the reference's
-own distribution raises any alarm is at most ``monitor.alpha`` (Bonferroni).
+The four drift checks need ``monitor.min_predictions`` scored predictions; ``errors`` needs that many
+predictions, scored or not, so a camera that sends only broken frames is reported, not "too few". A check
+alarms below ``monitor.alpha / (number of checks that ran)``: the chance that a window from the
+reference's own distribution (and the expected error rate) raises any alarm is at most ``monitor.alpha``
+(Bonferroni). An ``errors`` alarm says the inputs fail, not that the model drifted: it never starts a
+retraining (flows/monitor.py sends it as its own event).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from scipy import stats
 from adps.config import MonitorParams
 
 INPUT_STATISTICS = ("brightness", "contrast", "sharpness")
+ERRORS = "errors"  # the check of failed predictions: an alarm about the inputs, not drift of the model
 REFERENCE_VERSION = 1
 
 
@@ -81,9 +88,24 @@ def feature_components(reference: np.ndarray, window: np.ndarray, k: int) -> tup
     return (reference - center) @ basis, (window - center) @ basis
 
 
+def is_scored(row: dict[str, Any]) -> bool:
+    return not row["error"] and row["score"] is not None
+
+
+def error_check(n_errors: int, n_predictions: int, expected: float) -> dict[str, Any]:
+    """One-sided binomial test: more failed predictions than ``expected`` (monitor.expected_error_rate)?"""
+    p = float(stats.binomtest(n_errors, n_predictions, expected, alternative="greater").pvalue)
+    return {
+        "statistic": n_errors / n_predictions,
+        "p_value": p,
+        "detail": f"{n_errors} of {n_predictions} predictions failed, {expected:.1%} expected",
+    }
+
+
 def window_checks(reference: dict[str, Any], rows: list[dict[str, Any]], cfg: MonitorParams) -> dict[str, Any]:
-    """The checks of one window's logged rows (one category, one model) against ``reference``."""
-    scored = [r for r in rows if not r["error"] and r["score"] is not None]
+    """The drift checks of one window's logged rows (one category, one model) against ``reference`` (their
+    alarms are set by :func:`window_report`, which knows how many checks ran)."""
+    scored = [r for r in rows if is_scored(r)]
     checks: dict[str, dict[str, Any]] = {}
     scores = np.array([r["score"] for r in scored], np.float64)
     statistic, p = ks(scores, np.array(reference["scores"]))
@@ -117,21 +139,45 @@ def window_checks(reference: dict[str, Any], rows: list[dict[str, Any]], cfg: Mo
         per_component = {f"pc{i + 1}": ks(win[:, i], ref[:, i]) for i in range(ref.shape[1])}
         statistic, p, worst = bonferroni(per_component)
         checks["features"] = {"statistic": statistic, "p_value": p, "detail": f"{worst} of {ref.shape[1]} components"}
-    alpha = cfg.alpha / len(checks)
-    for check in checks.values():
-        check["alarm"] = check["p_value"] < alpha
     return checks
 
 
 def window_report(reference: dict[str, Any], rows: list[dict[str, Any]], cfg: MonitorParams) -> dict[str, Any]:
-    """One category's window: its counts, the checks (when there are enough predictions) and the alarms."""
-    scored = [r for r in rows if not r["error"] and r["score"] is not None]
-    report: dict[str, Any] = {"n_predictions": len(rows), "n_errors": len(rows) - len(scored), "checks": {}}
-    if len(scored) < cfg.min_predictions:
-        report.update(status=f"too few predictions ({len(scored)} < monitor.min_predictions {cfg.min_predictions})")
-        report["alarms"] = []
-        return report
-    report["checks"] = window_checks(reference, rows, cfg)
+    """One category's window: its counts and error rate, the checks that enough predictions allow, the alarms
+    (each check at ``monitor.alpha`` over the number that ran) and a status line."""
+    n_scored = sum(map(is_scored, rows))
+    n_errors = len(rows) - n_scored
+    report: dict[str, Any] = {
+        "n_predictions": len(rows),
+        "n_errors": n_errors,
+        "error_rate": n_errors / len(rows) if rows else None,
+        "checks": window_checks(reference, rows, cfg) if n_scored >= cfg.min_predictions else {},
+    }
+    if len(rows) >= cfg.min_predictions:
+        report["checks"][ERRORS] = error_check(n_errors, len(rows), cfg.expected_error_rate)
+    for check in report["checks"].values():
+        check["alarm"] = check["p_value"] < cfg.alpha / len(report["checks"])
     report["alarms"] = [name for name, check in report["checks"].items() if check["alarm"]]
-    report["status"] = "drift: " + ", ".join(report["alarms"]) if report["alarms"] else "no drift"
+    report["status"] = window_status(report, n_scored, cfg.min_predictions)
     return report
+
+
+def window_status(report: dict[str, Any], n_scored: int, min_predictions: int) -> str:
+    """'40 of 40 predictions failed; too few scored ...', 'drift: input', 'no drift', 'too few predictions ...'."""
+    parts = []
+    if ERRORS in report["alarms"]:
+        parts.append(f"{report['n_errors']} of {report['n_predictions']} predictions failed")
+    drift = [name for name in report["alarms"] if name != ERRORS]
+    if n_scored < min_predictions:
+        counted = f"{n_scored} of {report['n_predictions']} scored" if report["n_errors"] else str(n_scored)
+        parts.append(f"too few predictions ({counted} < monitor.min_predictions {min_predictions})")
+    elif drift:
+        parts.append("drift: " + ", ".join(drift))
+    elif not parts:
+        parts.append("no drift")
+    return "; ".join(parts)
+
+
+def drift_alarms(report: dict[str, Any]) -> list[str]:
+    """The alarms that say the model's inputs or answers drifted (what a retraining can answer)."""
+    return [name for name in report.get("alarms", []) if name != ERRORS]

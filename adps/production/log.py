@@ -5,6 +5,11 @@ SQLAlchemy URL: SQLite in the project by default, PostgreSQL for many servers) i
 copies of flagged inputs for review (:mod:`adps.production.review`). A store that is down or slow
 never delays or fails a prediction: rows it cannot take, or that find the queue full, are counted as
 lost and logged, and the writer tries the store again with the next rows.
+
+Rows are isolated from each other: every text is made storable when the row is made (a file name's
+bytes, a NUL or a control character a client sent, a value longer than its column), and a batch the
+store refuses for any reason but being unreachable is written again row by row, so only a row the
+store itself refuses is lost, counted alone with why.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -26,6 +32,7 @@ import sqlalchemy as sa
 
 from adps import paths
 from adps.config import Params, find_params, load_params
+from adps.files import open_regular, path_text
 from adps.production.drift import input_statistics
 from adps.production.review import ReviewQueue
 
@@ -63,6 +70,34 @@ predictions_table = sa.Table(
 
 
 COLUMNS = tuple(c.name for c in predictions_table.columns if c.name != "id")
+MAX_TEXT = 4096  # characters kept of a Text column (a client's path of a megabyte is not a row)
+TEXT_LIMITS = {  # every text column and the most characters it takes
+    c.name: c.type.length or MAX_TEXT for c in predictions_table.columns if isinstance(c.type, sa.String)
+}
+FLOAT_COLUMNS = tuple(c.name for c in predictions_table.columns if isinstance(c.type, sa.Float))
+UNREACHABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, sa.exc.DisconnectionError)
+
+
+def storable_text(value: Any, limit: int) -> str | None:
+    """A value as text any store accepts: printable (:func:`adps.files.path_text` escapes NUL, control
+    characters and a file name's non-UTF-8 bytes) and at most ``limit`` characters."""
+    if value is None:
+        return None
+    text = path_text(value if isinstance(value, str) else str(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def storable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with every text storable and every float a number or None (never NaN)."""
+    clean = dict(row)
+    for name, limit in TEXT_LIMITS.items():
+        clean[name] = storable_text(row.get(name), limit)
+    for name in FLOAT_COLUMNS:
+        value = row.get(name)
+        clean[name] = float(value) if value is not None and math.isfinite(float(value)) else None
+    for name in ("width", "height"):
+        clean[name] = None if row.get(name) is None else int(row[name])
+    return clean
 
 
 @dataclass(frozen=True)
@@ -92,12 +127,18 @@ def log_settings(params: Params) -> LogSettings:
     )
 
 
+def params_where_served() -> Params | None:
+    """The params of the project a served model runs in (params.yaml found from the working directory), or None."""
+    found = find_params()
+    return load_params(found) if found is not None else None
+
+
 def settings_where_served() -> LogSettings:
     """A served model's settings: the project's params.yaml found from the working directory, or the
     environment alone (no project: nothing is logged unless ``ADPS_PREDICTION_LOG`` is set)."""
-    found = find_params()
-    if found is not None:
-        return log_settings(load_params(found))
+    params = params_where_served()
+    if params is not None:
+        return log_settings(params)
     url = os.environ.get(LOG_ENV, "").strip()
     review = os.environ.get(REVIEW_ENV)
     return LogSettings(None if url.lower() in OFF else paths.sqlalchemy_url(url, Path.cwd()), review and Path(review))
@@ -127,11 +168,28 @@ def utc_now() -> datetime:
 
 
 def content_sha256(data: bytes | None, path: Path | None) -> str | None:
+    """sha256 of the input's bytes; None for a path that is not a regular file (a FIFO is never opened: it
+    would block) or cannot be read."""
     if data is not None:
         return hashlib.sha256(data).hexdigest()
+    if path is None:
+        return None
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path is not None else None
-    except OSError:
+        with open_regular(path) as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except (OSError, ValueError):
+        return None
+    return digest.hexdigest()
+
+
+def regular_bytes(path: Path | None) -> bytes | None:
+    """The bytes of a regular file, or None (not one, or unreadable)."""
+    try:
+        with open_regular(path) as handle:
+            return handle.read()
+    except (OSError, TypeError, ValueError):
         return None
 
 
@@ -186,8 +244,13 @@ class PredictionLog:
             except queue.Full:
                 self.count_lost(1, "the log writer is behind (production.max_pending rows waiting)")
             except Exception as err:  # a row that cannot be made never fails the prediction it records
-                self.count_lost(1, f"{type(err).__name__} while recording {result.path}: {err}")
-        self.start_writer()
+                self.count_lost(
+                    1, f"{type(err).__name__} while recording {path_text(result.path)}: {path_text(str(err))}"
+                )
+        try:
+            self.start_writer()
+        except RuntimeError as err:  # no thread to be had now: the rows wait for the next record or flush
+            logger.warning("prediction log: the writer could not start (%s); rows wait in the queue", err)
 
     def pending_row(self, result: Any, source: Any, thresholds: dict[str, Any]) -> Pending:
         """The row of one prediction: what the model said, and what its input looked like (for drift)."""
@@ -199,19 +262,22 @@ class PredictionLog:
             "model": self.model,
             "psm_sha256": thresholds.get("checkpoint_sha256"),
             "category": thresholds.get("category"),
-            "input_name": str(result.path),
+            "input_name": result.path,
             "input_sha256": sha,
             "error": result.error or "",
             "kept": "",
         }
         if result.error:
-            return Pending(row)
+            return Pending(storable_row(row))
         row.update(width=result.original_size[0], height=result.original_size[1], score=result.score)
         row.update(is_anomalous=result.is_anomalous, threshold=result.threshold, **input_statistics(result.image))
         if result.features is not None:
             row["features"] = np.asarray(result.features, np.float16).tobytes()
+        row = storable_row(row)
         keep = self.keep_reason(result, sha)
-        if not keep:
+        if data is None and keep:  # read here: the writer never opens a path (one swapped for a FIFO would hang it)
+            data = regular_bytes(path)
+        if not keep or data is None:
             return Pending(row)
         return Pending(row, keep, data, path, result.image, result.anomaly_map, float(thresholds.get("pixel", 0.5)))
 
@@ -238,15 +304,18 @@ class PredictionLog:
                     break
             try:
                 self.write(batch)
+            except Exception as err:  # the writer never dies: the batch is counted, the next one is written
+                self.count_lost(len(batch), failure(err))
             finally:
                 for _ in batch:
                     self.pending.task_done()
 
     def write(self, batch: list[Pending]) -> None:
-        """Keep the inputs to review, then insert the rows in one transaction; a failure loses (and counts) them."""
+        """Keep the inputs to review, then insert the rows in one transaction. A store that cannot be reached
+        loses (and counts) them all; any other refusal is retried row by row (:meth:`insert_one_by_one`)."""
         for item in batch:
             if item.keep:
-                item.row["kept"] = self.keep(item)
+                item.row["kept"] = storable_text(self.keep(item), MAX_TEXT)
         try:
             if self.engine is None:
                 self.engine = open_store(self.settings.url)
@@ -254,17 +323,38 @@ class PredictionLog:
             self.count_lost(len(batch), "production.log is not a database URL SQLAlchemy can read")
             return
         except Exception as err:  # a store that is down: the predictions were answered, the rows lost
-            self.count_lost(len(batch), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            self.count_lost(len(batch), failure(err))
             return
         try:
-            with self.engine.begin() as conn:
-                conn.execute(sa.insert(predictions_table), [item.row for item in batch])
-            self.counts["logged"] += len(batch)
-        except Exception as err:  # any store failure: the predictions were answered, the rows lost
-            if self.engine is not None:
-                self.engine.dispose()
-            self.engine = None
-            self.count_lost(len(batch), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            self.insert([item.row for item in batch])
+        except Exception as err:
+            if unreachable(err):
+                self.lose_store(len(batch), err)
+            else:
+                self.insert_one_by_one(batch)
+
+    def insert(self, rows: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(predictions_table), rows)
+        self.counts["logged"] += len(rows)
+
+    def insert_one_by_one(self, batch: list[Pending]) -> None:
+        """Each row in a transaction of its own: a row the store refuses is lost alone, counted with why."""
+        for done, item in enumerate(batch):
+            try:
+                self.insert([item.row])
+            except Exception as err:
+                if unreachable(err):  # the store went away meanwhile: the rest of the batch with it
+                    self.lose_store(len(batch) - done, err)
+                    return
+                self.count_lost(1, f"the store refused the row of {item.row['input_name']}: {failure(err)}")
+
+    def lose_store(self, n: int, err: Exception) -> None:
+        """Count ``n`` rows lost to an unreachable store and drop the connection (the next batch reconnects)."""
+        if self.engine is not None:
+            self.engine.dispose()
+        self.engine = None
+        self.count_lost(n, failure(err))
 
     def keep(self, item: Pending) -> str:
         """The review-queue id of the input's copy, or "" when the queue is full or cannot be written."""
@@ -279,8 +369,8 @@ class PredictionLog:
                 item.pixel_threshold,
                 self.settings.keep_max_bytes,
             )
-        except OSError as err:
-            logger.warning("could not keep %s for review: %s", item.row["input_name"], err)
+        except Exception as err:  # a copy that cannot be kept never costs the row
+            logger.warning("could not keep %s for review: %s", item.row["input_name"], failure(err))
             kept = ""
         self.counts["kept" if kept else "not_kept"] += 1
         return kept
@@ -313,6 +403,16 @@ class PredictionLog:
     def close(self) -> None:
         if self.enabled and self.thread is not None and self.pending.unfinished_tasks > self.counted_waiting:
             self.flush()
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether a store failure is the store being down or gone (not a refusal of the rows themselves)."""
+    return isinstance(err, UNREACHABLE) or bool(getattr(err, "connection_invalidated", False))
+
+
+def failure(err: BaseException) -> str:
+    """A store failure in one storable line (its type and first line)."""
+    return f"{type(err).__name__}: {path_text(str(err).splitlines()[0][:200] if str(err) else '')}"
 
 
 def safe_url(url: str | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from adps import paths
 from adps.config import Params
 from adps.errors import AdpsError
-from adps.production.drift import window_report
+from adps.production.drift import ERRORS, drift_alarms, window_report
 from adps.production.log import log_settings, read_rows
 from adps.tracking.connection import connect
 from adps.tracking.registry import CHAMPION, model_name
@@ -59,6 +59,11 @@ def monitor_category(params: Params, category: str, since: datetime, until: date
     if settings.url is None:
         raise AdpsError("production.log is null: there is no prediction log to monitor")
     reference, answered_by = champion_reference(params, category)
+    if reference.get("category") != category:
+        raise AdpsError(
+            f"{category}: the reference of the {answered_by} is of category {reference.get('category')!r}: "
+            f"register {category}'s own model (`adps evaluate -c {category}`, `adps register -c {category}`)"
+        )
     rows = [r for r in read_rows(settings.url, since, until, category) if r["psm_sha256"] == reference["psm_sha256"]]
     report = window_report(reference, rows, params.monitor)
     report.update(category=category, model=answered_by, since=since.isoformat(), until=until.isoformat())
@@ -76,8 +81,11 @@ def log_window(params: Params, report: dict[str, Any], until: datetime) -> str:
     metrics = {
         "n_predictions": report["n_predictions"],
         "n_errors": report["n_errors"],
-        "drift": float(bool(report["alarms"])),
+        "drift": float(bool(drift_alarms(report))),  # what retraining answers
+        "inputs_failing": float(ERRORS in report["alarms"]),  # what it cannot: the camera or the client
     }
+    if report["error_rate"] is not None:
+        metrics["error_rate"] = report["error_rate"]
     for name, check in report["checks"].items():
         metrics.update({f"{name}_statistic": check["statistic"], f"{name}_p_value": check["p_value"]})
     tags = {

@@ -430,11 +430,26 @@ def load_registered_predictor(uri: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.pyfunc.load_model(uri).unwrap_python_model().predictor
+        predictor = mlflow.pyfunc.load_model(uri).unwrap_python_model().predictor
     except MlflowException as err:
         raise AdpsError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {err.message}") from err
     except (AdpsError, KeyError, OSError) as err:
         raise AdpsError(f"{uri} loaded but its model files are unusable ({err}); register it again.") from err
+    check_registered_category(uri, predictor.thresholds)
+    return predictor
+
+
+def check_registered_category(uri: str, thresholds: dict[str, Any]) -> None:
+    """A version of ``adps-<C>`` holds a model of category C (one registered from another category's files
+    before registration checked them would otherwise answer for C)."""
+    name = uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    category = name.removeprefix("adps-") if name.startswith("adps-") else None
+    if category is not None and thresholds.get("category") != category:
+        raise AdpsError(
+            f"{uri} holds a model of category {thresholds.get('category')!r} (its thresholds.json), not {category}: "
+            f"it was registered from another category's files. Give {name} another version "
+            f"(`adps promote -c {category} --version N`), or register {category}'s own model again."
+        )
 
 
 def what_changed(client, name: str, manifest: dict[str, str], logged_params: dict[str, str], commit: str) -> list[str]:

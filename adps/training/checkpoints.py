@@ -104,6 +104,7 @@ def versions() -> dict[str, str]:
         "timm": str(timm.__version__),
         "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # runtime.cpu_kernels as it held in this process
     }
 
 

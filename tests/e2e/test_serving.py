@@ -24,13 +24,18 @@ from tests.e2e.test_nightly_deployment import free_port
 pytestmark = pytest.mark.slow
 
 
+def strict_json(name: str) -> None:
+    """A strict client's reader (JavaScript's JSON.parse): bare NaN or Infinity is not JSON."""
+    raise ValueError(f"the answer holds {name}, which is not JSON")
+
+
 def post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.load(response)
+            return response.status, json.load(response, parse_constant=strict_json)
     except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+        return err.code, json.load(err, parse_constant=strict_json)
 
 
 def test_served_champion_answers_images_like_adps_predict(trained_project, tmp_path):
@@ -64,6 +69,7 @@ def test_served_champion_answers_images_like_adps_predict(trained_project, tmp_p
         assert status == 200
         served = body["predictions"]
         assert len(served) == len(images) + 1 and "cannot read image" in served[-1]["error"]
+        assert served[-1]["score"] is None and served[-1]["threshold"] is None  # null, never NaN
 
         run(["adps", "predict", "--model", "models/washer", "--input", str(root / "data/synthetic/washer/test"),
              "--output", str(tmp_path / "out")], root, env)  # fmt: skip

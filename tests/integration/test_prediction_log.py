@@ -196,8 +196,9 @@ def test_verdicts_move_images_where_prepare_imports_them(project, images):
 
 
 def test_the_same_input_twice_and_a_category_with_path_characters(tmp_path):
-    """Two copies of one input in the same second are two items; a category from a model's thresholds.json
-    that is a path lands in ``unknown`` inside the queue, never outside it."""
+    """Two copies of one input in the same second are one item (duplicates by content: test_review_queue.py);
+    a category from a model's thresholds.json that is a path lands in ``unknown`` inside the queue, never
+    outside it, under an id no other category holds."""
     from datetime import datetime
 
     queue = ReviewQueue(tmp_path / "review")
@@ -206,7 +207,8 @@ def test_the_same_input_twice_and_a_category_with_path_characters(tmp_path):
     image, anomaly_map = np.zeros((64, 64, 3), np.float32), np.zeros((64, 64), np.float32)
     png = mask_for(tmp_path / "x.png", (64, 64)).read_bytes()
     first, second = (queue.add(row, "flagged", png, None, image, anomaly_map, 0.5, 2**30) for _ in range(2))
-    assert first == "20261201-100000-abababababab" and second == first + "-1"
+    assert first == second == "20261201-100000-abababababab" and len(queue.items()) == 1
     elsewhere = queue.add(row | {"category": "../../evil"}, "flagged", png, None, image, anomaly_map, 0.5, 2**30)
     assert (tmp_path / "review/unknown" / f"{elsewhere}.json").is_file() and not (tmp_path / "evil").exists()
-    assert json.loads((tmp_path / "review/washer" / f"{second}.json").read_text())["reason"] == "flagged"
+    assert elsewhere == first + "-1"  # the same content and second in another category: another id
+    assert json.loads((tmp_path / "review/washer" / f"{first}.json").read_text())["reason"] == "flagged"

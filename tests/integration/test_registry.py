@@ -80,8 +80,9 @@ def test_pyfunc_loaded_by_alias_predicts_the_checkpoint_scores(store):
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
     model = mlflow.pyfunc.load_model("models:/adps-washer@challenger")
     frame = model.predict(pd.DataFrame({"image": [*encoded, "bm90IGFuIGltYWdl"]}), params={"return_map": True})
-    np.testing.assert_allclose(frame["score"][:-1], local, rtol=1e-6)
+    np.testing.assert_allclose(frame["score"][:-1].astype(float), local, rtol=1e-6)
     assert frame["error"][: len(images)].eq("").all() and "cannot read image row" in frame["error"].iloc[-1]
+    assert frame["score"].iloc[-1] is None and frame["is_anomalous"].iloc[-1] is None  # null in JSON, never NaN
     pixel = json.loads(paths.thresholds_file(tiny_params(), "washer").read_text())["pixel"]
     for row, path in zip(frame.itertuples(), images, strict=False):
         regions = json.loads(row.regions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,12 @@ def tree_digest(root: Path) -> dict[str, str]:
 def save(path: Path, array: np.ndarray, mode: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array, mode=mode).save(path)
+
+
+def latin1_copy(path: Path, name: bytes) -> Path:
+    copy = Path(os.fsdecode(bytes(path.parent) + b"/" + name))
+    shutil.copy(path, copy)
+    return copy
 
 
 def truncate(path: Path) -> None:
@@ -65,7 +72,9 @@ CASES: dict[str, tuple[Callable[[], None], str, str]] = {
             np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8),
         ),
         "washer/test/stain/000.png",
-        "mask values are not binary",
+        "mask values are not binary (expected 0 and one foreground value): data/synthetic/washer/ground_truth/stain/"
+        "000_mask.png is a PNG with 256 distinct values in 0..255 (8-bit): set data.mask_threshold, e.g. 127, to read "
+        "defect = value > 127",
     ),
     "mask_empty": (
         lambda: save(DATA / "fabric/ground_truth/scratch/000_mask.png", np.zeros((64, 64), np.uint8)),
@@ -76,6 +85,16 @@ CASES: dict[str, tuple[Callable[[], None], str, str]] = {
         lambda: (DATA / "fabric/ground_truth/hole/000_mask.png").write_bytes(b"not a png"),
         "fabric/test/hole/000.png",
         "mask cannot be read: UnidentifiedImageError",
+    ),
+    "special_file": (  # a named pipe is named, never opened (opening one waits for a writer)
+        lambda: os.mkfifo(DATA / "fabric/test/good/pipe.png"),
+        "fabric/test/good/pipe.png",
+        "image cannot be read: a named pipe (FIFO), not a regular file: not opened",
+    ),
+    "latin1_name": (  # a name that is not UTF-8 is shown as `ls -b` shows it, in every report
+        lambda: truncate(latin1_copy(DATA / "fabric/test/good/001.png", b"d\xe9faut.png")),
+        "fabric/test/good/d\\xe9faut.png",
+        "image cannot be read: OSError: image file is truncated",
     ),
     "defect_in_train": (
         lambda: shutil.copytree(DATA / "washer/test/crack", DATA / "washer/train/crack"),
