@@ -22,6 +22,7 @@ from adps.config import Params, find_params, load_params
 from adps.errors import AdpsError, ValidationFailed
 from adps.files import finite_json, path_text
 from adps.inference import PixelBudget, Predictor, predict_to_folder
+from adps.runtime import pin_cpu_kernels
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -307,28 +308,30 @@ def predict(
     """Score images with a trained model; unreadable files are reported on their row and the rest still run."""
     configure_logging()
     with reported_errors():
+        project = project_params(params)
+        pin_cpu_kernels((project or Params()).runtime.cpu_kernels)  # the kernels evaluate chose thresholds with
         predictor = load_predictor(model, params, device.value, engine.value)
-        predictor.budget = pixel_budget(params)
+        predictor.budget = PixelBudget.from_params(project)
         model_dir = None if model.startswith("models:/") else Path(model)
-        recorder = prediction_log(params, model) if log else None
+        recorder = prediction_log(project, model) if log else None
         result = predict_to_folder(
             predictor, input, output, batch_size, sys.stderr.isatty(), save_maps, model_dir, recorder
         )
     typer.echo(json_output(result))
 
 
-def pixel_budget(params_path: Path | None) -> PixelBudget:
-    """The pixels one image and one batch may bring (production.*): the project's, else the defaults."""
+def project_params(params_path: Path | None) -> Params | None:
+    """The params ``adps predict`` runs under (kernels, pixel budget, log): the file given, the project's
+    params.yaml found from the working directory, or None outside a project (the defaults apply)."""
     found = params_path or find_params()
-    return PixelBudget.from_params(load_params(found) if found else None)
+    return load_params(found) if found else None
 
 
-def prediction_log(params_path: Path | None, model: str):
-    """The log of ``adps predict``: the project's (params found from the working directory), else the environment's."""
+def prediction_log(project: Params | None, model: str):
+    """The log of ``adps predict``: the project's, else the environment's."""
     from adps.production.log import PredictionLog, log_settings, settings_where_served
 
-    found = params_path or find_params()
-    settings = log_settings(load_params(found)) if found else settings_where_served()
+    settings = log_settings(project) if project is not None else settings_where_served()
     name = model if model.startswith("models:/") else path_text(Path(model).resolve())
     return PredictionLog(settings, "predict", name)
 

@@ -42,10 +42,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_LIMIT_EXCEEDED
 from PIL import Image
 
+from adps.config import Params
 from adps.errors import AdpsError
 from adps.files import finite_json, path_text
 from adps.inference import ImagePrediction, ImageSource, PixelBudget, Predictor, RequestOverBudget, failure_text
 from adps.production.log import PredictionLog, log_settings, params_where_served, settings_where_served
+from adps.runtime import pin_cpu_kernels
 from adps.serving_contract import NULLABLE_COLUMNS, OUTPUT_COLUMNS, RequestShapeError, request_rows
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ class AdpsPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         params = params_where_served()
+        pin_cpu_kernels((params or Params()).runtime.cpu_kernels)  # the kernels evaluate chose thresholds with
         self.predictor = Predictor.from_dir(context.artifacts["model_dir"])  # what library callers unwrap: no budget
         self.served = self.predictor.with_budget(PixelBudget.from_params(params))  # what answers requests
         self.root = allowed_root()
