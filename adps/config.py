@@ -238,7 +238,7 @@ class ProductionParams(Section):
     max_pending: int = Field(10000, ge=1)
     # pixel budget of `adps predict` and the served model, checked before decoding (adps.inference.PixelBudget)
     max_image_megapixels: float = Field(16.0, gt=0)
-    max_request_megapixels: float = Field(64.0, gt=0)
+    max_request_megapixels: float = Field(16.0, gt=0)
 
     @model_validator(mode="after")
     def _check_budget(self) -> ProductionParams:

@@ -30,7 +30,9 @@ def path_text(path: Path | str) -> str:
     Linux file names are bytes: a name that is not UTF-8 (``d\\xe9faut.png`` from a latin-1 machine)
     reaches Python with surrogate escapes, which UTF-8 writers refuse. Such bytes are shown as ``\\xNN``
     (as ``ls -b`` does); control characters (NUL, newlines, which break CSV rows and database text) as
-    ``\\xNN`` too. A valid UTF-8 name is returned unchanged.
+    ``\\xNN`` too. A valid UTF-8 name is returned unchanged. Applying it twice changes nothing (names pass
+    through several writers), so a backslash is left as it is: a name that spells ``\\xe9`` and one holding
+    that byte read the same (their heatmap files are still kept apart).
     """
     try:
         text = os.fsencode(path).decode("utf-8", "backslashreplace")

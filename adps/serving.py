@@ -18,7 +18,7 @@ MLflow's scoring server, which maps an ``MlflowException``'s error code through 
 INVALID_PARAMETER_VALUE, 500 for INTERNAL_ERROR; no code maps to 413) and answers any other exception
 with 400 and the stack trace in the body. So every failure leaves :meth:`AdpsPyfunc.predict` as an
 ``MlflowException`` without a trace: a request the model cannot read is 400, one too large is 413
-(:class:`RequestTooLarge`), anything else is the server's fault: 500, its trace in the server's log only.
+(:func:`request_too_large`), anything else is the server's fault: 500, its trace in the server's log only.
 An answer is always valid JSON: a row without a score has null (never NaN) in ``score``,
 ``is_anomalous`` and ``threshold``.
 """
@@ -54,19 +54,38 @@ logger = logging.getLogger(__name__)
 ALLOWED_ROOT_ENV = "ADPS_SERVE_ALLOWED_ROOT"
 
 
-class RequestTooLarge(MlflowException):
+class ServedError(MlflowException):
+    """A request the served model refuses or fails on, answered with this message alone.
+
+    MLflow's scoring server rewrites the message of any ``MlflowException`` from ``predict`` to
+    ``Failed to predict data '<the whole request>'``: a 96 MB request refused as too large would come back
+    as a 96 MB answer. This message ignores that rewrite (the request stays in the client's hands).
+    """
+
+    def __init__(self, message: str, error_code: int, status: int | None = None):
+        self.own_message, self.status = message, status
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self.own_message
+
+    @message.setter
+    def message(self, _value: str) -> None:  # the scoring server's prefix, which quotes the request: left out
+        pass
+
+    def get_http_status_code(self) -> int:
+        return self.status or super().get_http_status_code()
+
+
+def request_too_large(message: str) -> ServedError:
     """A request whose images are together over the pixel budget: HTTP 413 Content Too Large.
 
     MLflow's table maps no error code to 413 (RESOURCE_LIMIT_EXCEEDED, the code that says what happened,
     would be a 500), and its scoring server asks the exception itself for the status
     (``get_http_status_code``): this one says 413, and its body carries RESOURCE_LIMIT_EXCEEDED.
     """
-
-    def __init__(self, message: str):
-        super().__init__(message, error_code=RESOURCE_LIMIT_EXCEEDED)
-
-    def get_http_status_code(self) -> int:
-        return 413
+    return ServedError(message, RESOURCE_LIMIT_EXCEEDED, 413)
 
 
 def allowed_path(value: str, root: Path | None) -> Path:
@@ -146,19 +165,19 @@ class AdpsPyfunc(mlflow.pyfunc.PythonModel):
 
         Raises:
             MlflowException: HTTP 400 for a request that is not images in an accepted shape,
-                :class:`RequestTooLarge` (413) over the pixel budget, 500 for anything else (no trace in it).
+                :func:`request_too_large` (413) over the pixel budget, 500 for anything else (no trace in it).
         """
         try:
             return self.answer(model_input, params or {})
         except RequestShapeError as err:
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+            raise ServedError(str(err), INVALID_PARAMETER_VALUE) from None
         except RequestOverBudget as err:
-            raise RequestTooLarge(str(err)) from None
+            raise request_too_large(str(err)) from None
         except Exception as err:
             logger.exception("the served model failed on a request")
-            raise MlflowException(
+            raise ServedError(
                 f"the served model failed on this request ({type(err).__name__}); the server's log has the details",
-                error_code=INTERNAL_ERROR,
+                INTERNAL_ERROR,
             ) from None
 
     def answer(self, model_input: Any, params: dict[str, Any]) -> pd.DataFrame:

@@ -47,6 +47,8 @@ from adps.errors import DatasetError
 Array = np.ndarray
 Draw = Callable[[int, int], Array]  # (width, height) -> (H, W) bool
 EPS = 1e-9  # float slack for points that lie on a pixel exactly
+MAX_COORDINATE = 1e6  # px: no image is that large (validation.max_side is at most 65535)
+UNREADABLE = (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError, MemoryError)
 LS_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
 LS_IMAGE_LEVEL = frozenset({"choices", "textarea", "rating", "taxonomy", "number", "datetime", "pairwise", "ranker"})
 
@@ -92,8 +94,20 @@ def read_annotation_file(path: Path) -> list[ImageAnnotation]:
     """
     try:
         doc = json.loads(path.read_bytes())
-    except (ValueError, OSError) as err:
-        raise AnnotationError(f"not a readable JSON file ({err}): not used as annotations") from err
+    except (ValueError, OSError, RecursionError) as err:
+        raise AnnotationError(f"not a readable JSON file ({failure(err)}): not used as annotations") from err
+    try:
+        return annotation_entries(doc, path)
+    except UNREADABLE as err:  # a value of a type or size no entry reader expected: the file, never the run
+        raise AnnotationError(f"an entry holds a value that cannot be read ({failure(err)})") from err
+
+
+def failure(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:200]}"
+
+
+def annotation_entries(doc: Any, path: Path) -> list[ImageAnnotation]:
+    """The entries of a parsed annotation file, by its format (told by content)."""
     if isinstance(doc, dict) and "shapes" in doc:
         return [labelme_entry(doc, path)]
     if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
@@ -121,7 +135,10 @@ def rasterise(annotation: ImageAnnotation, size: tuple[int, int]) -> Array:
         )
     mask = np.zeros((size[1], size[0]), bool)
     for region in annotation.regions:
-        mask |= region.draw(*size)
+        try:
+            mask |= region.draw(*size)
+        except UNREADABLE as err:
+            raise AnnotationError(f"{annotation.where} {region.entry}: cannot be drawn ({failure(err)})") from err
     return mask
 
 
@@ -141,7 +158,7 @@ def labelme_entry(doc: dict[str, Any], path: Path) -> ImageAnnotation:
     image_path = doc.get("imagePath")
     names = (base_name(image_path),) if isinstance(image_path, str) and image_path else ()
     width, height = doc.get("imageWidth"), doc.get("imageHeight")
-    stated = (width, height) if isinstance(width, int) and isinstance(height, int) else None
+    stated = (width, height) if type(width) is int and type(height) is int else None
     return ImageAnnotation(path, "labelme", "", names, path.stem, stated, regions)
 
 
@@ -175,6 +192,13 @@ def point_list(value: Any, where: str) -> Array:
         raise AnnotationError(f"{where}: points are not [[x, y], ...] numbers") from err
     if points.ndim != 2 or points.shape[1] != 2 or not np.isfinite(points).all():
         raise AnnotationError(f"{where}: points are not [[x, y], ...] finite numbers")
+    return within_reach(points, where)
+
+
+def within_reach(points: Array, where: str) -> Array:
+    """Coordinates refused when no image could hold them (a typo, or a file made to overflow the drawing)."""
+    if np.abs(points).max(initial=0.0) > MAX_COORDINATE:
+        raise AnnotationError(f"{where}: a coordinate beyond +-{MAX_COORDINATE:g} px lies outside any image")
     return points
 
 
@@ -189,14 +213,16 @@ def coco_entries(doc: dict[str, Any], path: Path) -> list[ImageAnnotation]:
     for n, annotation in enumerate(annotations):
         if not isinstance(annotation, dict):
             raise AnnotationError(f"COCO annotations[{n}]: not an object")
-        by_image.setdefault(annotation.get("image_id"), []).append(coco_region(annotation, n))
+        by_image.setdefault(coco_id(annotation.get("image_id"), f"annotations[{n}].image_id"), []).append(
+            coco_region(annotation, n)
+        )
     entries, known = [], set()
     for n, image in enumerate(images):
         if not isinstance(image, dict) or not isinstance(image.get("file_name"), str):
             raise AnnotationError(f"COCO images[{n}]: no file_name")
-        known.add(image.get("id"))
+        known.add(coco_id(image.get("id"), f"images[{n}].id"))
         width, height = image.get("width"), image.get("height")
-        stated = (width, height) if isinstance(width, int) and isinstance(height, int) else None
+        stated = (width, height) if type(width) is int and type(height) is int else None
         entry = f"images[id={image.get('id')}] ({image['file_name']})"
         names = (base_name(image["file_name"]),)
         regions = tuple(by_image.get(image.get("id"), []))
@@ -204,6 +230,13 @@ def coco_entries(doc: dict[str, Any], path: Path) -> list[ImageAnnotation]:
     if orphans := sorted(str(i) for i in by_image if i not in known):
         raise AnnotationError(f"COCO annotations name image_id {', '.join(orphans)}, which images does not list")
     return entries
+
+
+def coco_id(value: Any, where: str) -> int | str | None:
+    """An image id as COCO writes it: a whole number or a string (None: missing, matched as such)."""
+    if value is None or (isinstance(value, int | str) and not isinstance(value, bool)):
+        return value
+    raise AnnotationError(f"COCO {where}: an id must be a number or a string, not {type(value).__name__}")
 
 
 def coco_region(annotation: dict[str, Any], n: int) -> Region:
@@ -345,9 +378,11 @@ def label_studio_rectangle(value: dict[str, Any], width: int, height: int, where
         raise AnnotationError(f"Label Studio {where}: a rotated rectangle is not read: draw it as a polygon")
     try:
         x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise AnnotationError(f"Label Studio {where}: x, y, width and height must be numbers") from err
-    corners = np.array([[x, y], [x + w, y + h]]) * [width / 100.0, height / 100.0]
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise AnnotationError(f"Label Studio {where}: x, y, width and height must be finite numbers")
+    corners = within_reach(np.array([[x, y], [x + w, y + h]]) * [width / 100.0, height / 100.0], where)
     return Region(where, lambda iw, ih: fill_rectangle(corners, iw, ih))
 
 
@@ -363,12 +398,7 @@ def label_studio_brush(rle: list[int], width: int, height: int, where: str) -> A
         bits = np.unpackbits(np.asarray(rle, dtype=np.uint8))
     except (ValueError, OverflowError) as err:
         raise AnnotationError(f"Label Studio {where}: rle is not a list of bytes (0..255)") from err
-    values = decode_rle_pack(bits, where)
-    if len(values) != width * height * 4:
-        raise AnnotationError(
-            f"Label Studio {where}: rle holds {len(values)} values, an RGBA layer of {width} x {height} px has "
-            f"{width * height * 4}"
-        )
+    values = decode_rle_pack(bits, where, width * height * 4)
     return values.reshape(height, width, 4)[:, :, 3] > 0
 
 
@@ -389,9 +419,15 @@ class BitReader:
         return value
 
 
-def decode_rle_pack(bits: Array, where: str) -> Array:
+def decode_rle_pack(bits: Array, where: str, expected: int) -> Array:
+    """The ``expected`` values of an RGBA layer; a stream stating another count is refused before anything is
+    allocated (its first 32 bits could ask for 17 GB)."""
     reader = BitReader(bits, where)
     count = reader.read(32)
+    if count != expected:
+        raise AnnotationError(
+            f"Label Studio {where}: rle holds {count} values, an RGBA layer of the image has {expected} (4 per pixel)"
+        )
     word = reader.read(5) + 1
     run_sizes = [reader.read(4) + 1 for _ in range(4)]
     out = np.zeros(count, np.uint32)

@@ -380,11 +380,20 @@ def mask_defect(decoded: DecodedImage, threshold: float | None = None) -> Array:
     """The one mask rule: (H, W) booleans, True = defect.
 
     ``threshold`` None: any non-zero value (masks are then required to be two-level); a number t:
-    a value > t on the 0..255 scale of :func:`mask_levels` (``data.mask_threshold``).
+    a value > t on the 0..255 scale of :func:`mask_levels` (``data.mask_threshold``) for a mask of more
+    than two values. A two-level mask (0 and one other value) means what it says whatever t is: a mask
+    of 0 and 1, common from labelling scripts, marks its 1s, where a threshold would read it as empty.
     """
-    if threshold is None:
-        return mask_values(decoded) > 0
+    values = mask_values(decoded)
+    if threshold is None or two_level(values):
+        return values > 0
     return mask_levels(decoded) > threshold
+
+
+def two_level(values: Array) -> bool:
+    """Whether mask values are all 0, all one value, or 0 and one other value."""
+    levels = np.unique(values)
+    return len(levels) == 1 or (len(levels) == 2 and levels[0] == 0)
 
 
 def describe_mask_values(decoded: DecodedImage) -> str:

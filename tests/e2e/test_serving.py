@@ -97,10 +97,11 @@ def test_served_champion_answers_images_like_adps_predict(trained_project, tmp_p
         exif[0x0112] = 6  # stored turned a quarter left, shown upright by every viewer
         buffer = io.BytesIO()
         upright.transpose(Image.Transpose.ROTATE_90).save(buffer, "PNG", exif=exif)
+        sideways = [[base64.b64encode(buffer.getvalue()).decode()], *rows[1:]]  # the first request, image 0 turned
         _, body = post(
-            f"http://127.0.0.1:{port}/invocations", {"instances": [base64.b64encode(buffer.getvalue()).decode()]}
+            f"http://127.0.0.1:{port}/invocations", {"dataframe_split": {"columns": ["image"], "data": sideways}}
         )
-        assert body["predictions"][0]["score"] == served[0]["score"]
+        assert body["predictions"][0]["score"] == served[0]["score"]  # bit for bit: the same batch, read upright
 
         _, refused = post(
             f"http://127.0.0.1:{port}/invocations",

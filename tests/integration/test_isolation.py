@@ -214,6 +214,7 @@ def test_error_rows_are_null_in_valid_json_and_an_oversized_request_is_413(scori
     assert too_large.status_code == 413 and body["error_code"] == "RESOURCE_LIMIT_EXCEEDED"
     assert "max_request_megapixels = 0.02" in body["message"] and "stack_trace" not in body
     assert "Traceback" not in too_large.text
+    assert encoded not in too_large.text and len(too_large.text) < 1000  # the request is not quoted back
     assert invoke(client, [encoded] * 4).status_code == 200  # 16384 px fit
 
 

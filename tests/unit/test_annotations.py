@@ -185,3 +185,34 @@ def test_one_mask_rule_by_value_for_8_and_16_bit(tmp_path):
         decoded = decode_image(tmp_path / name, what="mask")
         assert mask_defect(decoded, 127)[0, :4].tolist() == [False, False, True, True]
         assert mask_defect(decoded)[0, :4].tolist() == [False, True, True, True]  # null: any non-zero
+    # A two-level mask means what it says whatever the threshold: 0 and 1 (a labelling script's mask) marks its 1s.
+    Image.fromarray(np.array([[0, 1] * 8] * 16, np.uint8)).save(tmp_path / "m01.png")
+    assert mask_defect(decode_image(tmp_path / "m01.png", what="mask"), 127).sum() == 8 * 16  # half of 16 x 16
+
+
+@pytest.mark.parametrize(
+    ("name", "doc", "says"),
+    [  # files made to crash or exhaust a reader: each refused by name, never more than its own entry
+        ("deep", "[" * 100_000 + "]" * 100_000, "RecursionError"),
+        ("far", {"shapes": [shape("polygon", [[0, 0], [1e308, 5], [-1e308, 10]])], "imagePath": "p.png"}, "1e\\+06"),
+        ("coco-id", {"images": [{"id": [1], "file_name": "p.png"}], "annotations": []}, r"images\[0\].id: an id"),
+        (
+            "ls-nan",
+            [{"data": {"image": "p.png"}, "annotations": [{"result": [
+                ls_result("rectanglelabels", {"x": "nan", "y": 1, "width": 2, "height": 2}, 8, 6)]}]}],
+            "finite numbers",
+        ),
+        (
+            "ls-count",  # its first 32 bits state 2^32 - 1 values (17 GB of uint32); an 8 x 6 RGBA layer has 192
+            [{"data": {"image": "p.png"}, "annotations": [{"result": [
+                ls_result("brushlabels", {"format": "rle", "rle": [255] * 8}, 8, 6)]}]}],
+            "rle holds 4294967295 values, an RGBA layer of the image has 192",
+        ),
+    ],
+)  # fmt: skip
+def test_hostile_annotation_files_are_refused_without_crashing(tmp_path, name, doc, says):
+    path = tmp_path / f"{name}.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    with pytest.raises(AnnotationError, match=says):
+        for entry in read_annotation_file(path):
+            rasterise(entry, (8, 6))
