@@ -123,17 +123,33 @@ def remove_stale_temps(target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def stage_file(target: Path, write: Callable[[Path], None], sync: bool = False) -> Path:
+    """``write(tmp)`` on a temp file next to ``target`` (the same file system, so a rename places it whole),
+    with the permissions the umask gives; flushed to disk with ``sync``. Not yet renamed over ``target``: the
+    caller does that (or removes it); a failed write leaves nothing behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
         tmp.chmod(0o666 & ~current_umask())
+        if sync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = stage_file(path, write)
+    try:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -244,14 +260,7 @@ def write_together(folders: dict[Path, Callable[[Path], None]], texts: dict[Path
 
 def stage_text(path: Path, text: str) -> Path:
     """``text`` in a temp file next to ``path`` (not yet renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.chmod(0o666 & ~current_umask())
-    return tmp
+    return stage_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def json_text(payload: Any) -> str:

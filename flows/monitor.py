@@ -90,45 +90,27 @@ def drift_markdown(rows: list[dict[str, Any]], since: datetime, until: datetime)
     return "\n".join(lines)
 
 
-def announce_drift(report: dict[str, Any]) -> None:
-    """The Prefect event of a category that drifted: what the nightly deployment's trigger reacts to."""
+def announce(event: str, report: dict[str, Any], facts: dict[str, Any]) -> None:
+    """A Prefect event about one category's window: its ``facts``, what it says and where it is recorded."""
     emit_event(
-        event=DRIFT_EVENT,
+        event=event,
         resource={
             "prefect.resource.id": RESOURCE_PREFIX + report["category"],
             "prefect.resource.name": report["category"],
         },
-        payload={
-            "alarms": drift_alarms(report),
-            "status": report["status"],
-            "model": report["model"],
-            "since": report["since"],
-            "until": report["until"],
-            "mlflow_run_id": report["mlflow_run_id"],
-        },
+        payload=facts | {k: report[k] for k in ("status", "model", "since", "until", "mlflow_run_id")},
     )
+
+
+def announce_drift(report: dict[str, Any]) -> None:
+    """A category that drifted: what the nightly deployment's trigger reacts to."""
+    announce(DRIFT_EVENT, report, {"alarms": drift_alarms(report)})
 
 
 def announce_failing_inputs(report: dict[str, Any]) -> None:
-    """The Prefect event of a category whose predictions fail more than expected: for people, not retraining."""
-    emit_event(
-        event=FAILING_EVENT,
-        resource={
-            "prefect.resource.id": RESOURCE_PREFIX + report["category"],
-            "prefect.resource.name": report["category"],
-        },
-        payload={
-            "n_errors": report["n_errors"],
-            "n_predictions": report["n_predictions"],
-            "error_rate": report["error_rate"],
-            "detail": report["checks"][ERRORS]["detail"],
-            "status": report["status"],
-            "model": report["model"],
-            "since": report["since"],
-            "until": report["until"],
-            "mlflow_run_id": report["mlflow_run_id"],
-        },
-    )
+    """A category whose predictions fail more than expected: for people, not retraining."""
+    facts = {k: report[k] for k in ("n_errors", "n_predictions", "error_rate")}
+    announce(FAILING_EVENT, report, facts | {"detail": report["checks"][ERRORS]["detail"]})
 
 
 ANNOUNCE = {DRIFT_EVENT: announce_drift, FAILING_EVENT: announce_failing_inputs}

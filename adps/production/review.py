@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,9 +38,9 @@ from adps.data.layout import IMAGE_SUFFIXES
 from adps.errors import AdpsError
 from adps.evaluation.heatmaps import heatmap_panel, save_heatmap
 from adps.files import (
-    current_umask,
     path_text,
     remove_stale_temps,
+    stage_file,
     waiting_lock,
     write_atomically,
     write_text_atomically,
@@ -306,7 +305,8 @@ class ReviewQueue:
         try:
             for source, target in verdict.copies():
                 if not (target.is_file() and same_bytes(source, target)):  # a copy already in place stays
-                    staged.append((stage_file(target, lambda tmp, s=source: shutil.copyfile(s, tmp)), target))
+                    copy = stage_file(target, lambda tmp, s=source: shutil.copyfile(s, tmp), sync=True)
+                    staged.append((copy, target))
             staged.append((self.stage_ledger(verdict.entry), self.root / LEDGER))
             os.rename(verdict.record, verdict.marker)
             out_of_queue = True
@@ -388,7 +388,7 @@ class ReviewQueue:
             text = old + (b"" if old.endswith(b"\n") else b"\r\n") + csv_text([entry], header=False)
         else:
             text = csv_text([*rows, entry], header=True)
-        return stage_file(path, lambda tmp: tmp.write_bytes(text))
+        return stage_file(path, lambda tmp: tmp.write_bytes(text), sync=True)
 
 
 def refuse_left_copies(
@@ -416,24 +416,6 @@ def csv_text(rows: list[dict[str, Any]], header: bool) -> bytes:
         writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().encode("utf-8", "backslashreplace")
-
-
-def stage_file(target: Path, write: Any) -> Path:
-    """``write(tmp)`` on a temp file next to ``target`` (same file system, so a rename places it), flushed to disk."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        tmp.chmod(0o666 & ~current_umask())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def undo(staged: list[tuple[Path, Path]], placed: list[Path], taken_out: Verdict | None) -> None:
