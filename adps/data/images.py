@@ -391,9 +391,10 @@ def mask_defect(decoded: DecodedImage, threshold: float | None = None) -> Array:
 
 
 def two_level(values: Array) -> bool:
-    """Whether mask values are all 0, all one value, or 0 and one other value."""
+    """Whether mask values are 0 and one other value (or all 0): a mask of one value other than 0 is not, so a
+    threshold decides whether it marks the whole image (all 255) or nothing (a noise floor of 90)."""
     levels = np.unique(values)
-    return len(levels) == 1 or (len(levels) == 2 and levels[0] == 0)
+    return levels.tolist() == [0] or (len(levels) == 2 and levels[0] == 0)
 
 
 def describe_mask_values(decoded: DecodedImage) -> str:
