@@ -176,7 +176,12 @@ def test_a_budget_whose_image_limit_exceeds_its_request_limit_is_refused():
 @pytest.fixture
 def scoring_client(trained_project, tmp_path, monkeypatch):
     """The registered washer champion behind MLflow's own scoring server app, in a project whose budget is
-    0.01 MP per image and 0.02 per request (a 64 x 64 image is 4096 px)."""
+    0.01 MP per image and 0.02 per request (a 64 x 64 image is 4096 px).
+
+    Nothing is mocked: the app is the one `mlflow models serve` runs (``scoring_server.init`` on the model
+    loaded from a real sqlite registry), driven over HTTP in process by FastAPI's test client, which spares
+    the ~30 s of a server start; ``monkeypatch`` only sets the working folder and the store URLs. The e2e
+    test (``tests/e2e/test_serving.py``) checks the same answers through a real `mlflow models serve`."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import load_model, scoring_server
 
